@@ -1,0 +1,253 @@
+"""Tests for kernels/surrogate_score.py: Triton (interpreter on CPU) vs torch twin vs nn modules.
+
+The Triton path runs on CPU tensors through Triton's interpreter: in-process (the module reads
+TRITON_INTERPRET at call time and wraps the kernel in the interpreter itself, so the result does
+not depend on which test imported triton first) and, once, in a fresh subprocess with
+TRITON_INTERPRET=1 set before anything is imported (the standard way).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vllm_kvzap.kernels import surrogate_score as ss
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NEG_INF = float("-inf")
+
+needs_triton = pytest.mark.skipif(not ss.HAS_TRITON, reason="triton not installed")
+
+
+@pytest.fixture
+def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make_weights(
+    D: int, H: int, N: int | None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    if N is None:
+        return torch.randn(H, D, generator=g) / math.sqrt(D), torch.randn(H, generator=g) - 4, None, None
+    w1 = torch.randn(N, D, generator=g) / math.sqrt(D)
+    b1 = torch.randn(N, generator=g)
+    w2 = torch.randn(H, N, generator=g) / math.sqrt(N)
+    b2 = torch.randn(H, generator=g) - 4
+    return w1, b1, w2, b2
+
+
+def nn_reference(x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """kvpress-style module (nn.Linear or Linear -> GELU -> Linear) in float64."""
+    D, N = w1.shape[1], w1.shape[0]
+    if w2 is None:
+        module: nn.Module = nn.Linear(D, N)
+        sd = {"weight": w1, "bias": b1}
+    else:
+        module = nn.Sequential(nn.Linear(D, N), nn.GELU(), nn.Linear(N, w2.shape[0]))
+        sd = {"0.weight": w1, "0.bias": b1, "2.weight": w2, "2.bias": b2}
+    module.load_state_dict(sd)
+    with torch.no_grad():
+        return module.double()(x.double())
+
+
+def assert_decisions_match(scores_ref: torch.Tensor, keep: torch.Tensor, threshold: float) -> None:
+    """keep must equal scores_ref >= threshold wherever the reference is not within fp noise."""
+    clear = (scores_ref - threshold).abs() > 1e-4
+    assert torch.equal(keep[clear], (scores_ref >= threshold)[clear])
+
+
+# ---------------------------------------------------------------- torch twin vs nn modules
+
+
+@pytest.mark.parametrize("N", [None, 24])
+@pytest.mark.parametrize("H", [1, 3, 8])
+def test_torch_twin_matches_nn_modules(N: int | None, H: int) -> None:
+    T, D = 29, 40
+    w1, b1, w2, b2 = make_weights(D, H, N, seed=H)
+    x = torch.randn(T, D)
+    scores, keep = ss.score_and_decide_torch(x, w1, b1, w2, b2, -4.0)
+    ref = nn_reference(x, w1, b1, w2, b2)
+    assert scores.dtype == torch.float32 and keep.dtype == torch.bool
+    assert scores.shape == keep.shape == (T, H)
+    torch.testing.assert_close(scores.double(), ref, atol=1e-5, rtol=1e-5)
+    assert_decisions_match(ref, keep, -4.0)
+    assert 0 < keep.sum() < keep.numel()  # the threshold really splits the tokens
+
+
+def test_torch_twin_gelu_is_exact_erf() -> None:
+    # A single hidden unit h; score = gelu(h). tanh-approx GELU differs by ~1e-4 around |h| ~ 2.
+    h = torch.tensor([[-3.0], [-2.0], [-0.5], [0.0], [0.7], [2.0]], dtype=torch.float64)
+    w1, b1 = torch.ones(1, 1), torch.zeros(1)
+    w2, b2 = torch.ones(1, 1), torch.zeros(1)
+    scores, _ = ss.score_and_decide_torch(h.float(), w1, b1, w2, b2, NEG_INF)
+    exact = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    torch.testing.assert_close(scores.double(), exact, atol=1e-6, rtol=0)
+
+
+def test_dispatch_on_cpu_uses_torch_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w1, b1, w2, b2 = make_weights(16, 2, 16)
+    x = torch.randn(5, 16)
+    s, k = ss.score_and_decide(x, w1, b1, w2, b2, -4.0)
+    s_ref, k_ref = ss.score_and_decide_torch(x, w1, b1, w2, b2, -4.0)
+    assert torch.equal(s, s_ref) and torch.equal(k, k_ref)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.randn(4, 8, 2), torch.randn(2, 8), torch.randn(2), None, None), "x must be"),
+        ((torch.randn(4, 8), torch.randn(2, 9), torch.randn(2), None, None), "w1 must be"),
+        ((torch.randn(4, 8), torch.randn(2, 8), torch.randn(3), None, None), "b1 must be"),
+        ((torch.randn(4, 8), torch.randn(6, 8), torch.randn(6), torch.randn(2, 6), None), "both"),
+        ((torch.randn(4, 8), torch.randn(6, 8), torch.randn(6), torch.randn(2, 5), torch.randn(2)), "w2 must be"),
+        ((torch.randn(4, 8), torch.randn(6, 8), torch.randn(6), torch.randn(2, 6), torch.randn(3)), "b2 must be"),
+    ],
+)
+def test_shape_errors(args, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ss.score_and_decide_torch(*args, threshold=0.0)
+
+
+# ---------------------------------------------------------------- Triton (interpreter) vs twin
+
+
+# (T, D, N, H): T (mostly) not a multiple of the tile, D / hidden not powers of two, H_kv 1..8.
+RAGGED = [
+    (1, 16, None, 1),
+    (37, 70, None, 3),
+    (17, 33, 45, 8),
+    (40, 50, 24, 2),
+    (5, 96, 100, 5),
+    (33, 20, 17, 1),
+    (16, 64, 64, 4),
+    (21, 48, 16, 7),
+    (48, 40, 24, 6),  # T an exact multiple of the 16-token tile
+    (32, 24, None, 8),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("threshold", [NEG_INF, -4.0])
+@pytest.mark.parametrize("T, D, N, H", RAGGED)
+def test_triton_matches_torch_twin(interpret, T: int, D: int, N: int | None, H: int, threshold: float) -> None:
+    w1, b1, w2, b2 = make_weights(D, H, N, seed=T * 131 + D)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    # 16-wide tiles: several T, D and hidden tiles with ragged edges
+    s, k = ss.score_and_decide_triton(x, w1, b1, w2, b2, threshold, block_t=16, block_d=16, block_n=16)
+    s_ref, _ = ss.score_and_decide_torch(x, w1, b1, w2, b2, threshold)
+    assert s.dtype == torch.float32 and k.dtype == torch.bool and s.shape == k.shape == (T, H)
+    torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(s.double(), nn_reference(x, w1, b1, w2, b2), atol=2e-5, rtol=1e-5)
+    assert torch.equal(k, s >= threshold)  # the fused compare agrees with its own scores
+    assert_decisions_match(s_ref.double(), k, threshold)
+    if threshold == NEG_INF:
+        assert k.all()
+
+
+@needs_triton
+@pytest.mark.parametrize("N", [None, 40])
+def test_triton_default_blocks_and_strided_bf16_input(interpret, N: int | None) -> None:
+    T, D, H = 70, 72, 4
+    w1, b1, w2, b2 = make_weights(D, H, N, seed=3)
+    x = torch.randn(T, 2 * D).to(torch.bfloat16)[:, ::2]  # non-contiguous, bf16 (read as fp32)
+    assert not x.is_contiguous()
+    s, k = ss.score_and_decide_triton(x, w1, b1, w2, b2, -4.0)
+    s_ref, _ = ss.score_and_decide_torch(x, w1, b1, w2, b2, -4.0)
+    torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-5)
+    assert_decisions_match(s_ref, k, -4.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("N", [None, 20])
+def test_ties_at_threshold_are_kept(interpret, impl: str, N: int | None) -> None:
+    # Zero input weights: every token's score is exactly the output bias, so ties are exact.
+    T, D, H = 19, 35, 5
+    bias = torch.tensor([-4.0, -3.5, -4.5, -4.0, 0.0])
+    if N is None:
+        w1, b1, w2, b2 = torch.zeros(H, D), bias, None, None
+    else:
+        w1, b1, w2, b2 = torch.randn(N, D), torch.randn(N), torch.zeros(H, N), bias
+    fn = ss.score_and_decide_torch if impl == "torch" else ss.score_and_decide_triton
+    s, k = fn(torch.randn(T, D), w1, b1, w2, b2, -4.0)
+    assert torch.equal(s, bias.expand(T, H))
+    assert torch.equal(k, torch.tensor([True, True, False, True, True]).expand(T, H))
+
+
+@needs_triton
+def test_ties_on_computed_scores(interpret) -> None:
+    # threshold = an actual (fp32) score: that entry and all at least as large are kept.
+    T, D, N, H = 23, 30, 18, 3
+    w1, b1, w2, b2 = make_weights(D, H, N, seed=7)
+    x = torch.randn(T, D)
+    s, _ = ss.score_and_decide_triton(x, w1, b1, w2, b2, NEG_INF, block_t=16, block_d=16, block_n=16)
+    thr = float(s[11, 1])
+    s2, k2 = ss.score_and_decide_triton(x, w1, b1, w2, b2, thr, block_t=16, block_d=16, block_n=16)
+    assert torch.equal(s2, s)
+    assert bool(k2[11, 1])
+    assert torch.equal(k2, s >= thr)
+    assert 0 < k2.sum() < k2.numel()
+
+
+@needs_triton
+def test_triton_empty_input(interpret) -> None:
+    w1, b1, w2, b2 = make_weights(24, 2, 16)
+    s, k = ss.score_and_decide_triton(torch.empty(0, 24), w1, b1, w2, b2, -4.0)
+    assert s.shape == k.shape == (0, 2) and k.dtype == torch.bool
+
+
+@needs_triton
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w1, b1, _, _ = make_weights(16, 2, None)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ss.score_and_decide_triton(torch.randn(3, 16), w1, b1, None, None, 0.0)
+
+
+@needs_triton
+def test_triton_interpreter_in_fresh_process() -> None:
+    """TRITON_INTERPRET=1 set before triton is imported: the standard interpreter path."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from triton.runtime.interpreter import InterpretedFunction
+        from vllm_kvzap.kernels import surrogate_score as ss
+
+        assert isinstance(ss._surrogate_score_kernel, InterpretedFunction)
+        g = torch.Generator().manual_seed(0)
+        for T, D, N, H in [(37, 45, 30, 8), (20, 33, None, 2)]:
+            x = torch.randn(T, D, generator=g)
+            w1 = torch.randn(N or H, D, generator=g) / D**0.5
+            b1 = torch.randn(N or H, generator=g)
+            w2 = torch.randn(H, N, generator=g) / N**0.5 if N else None
+            b2 = torch.randn(H, generator=g) if N else None
+            s, k = ss.score_and_decide_triton(x, w1, b1, w2, b2, 0.0, block_t=16, block_d=16, block_n=16)
+            s_ref, _ = ss.score_and_decide_torch(x, w1, b1, w2, b2, 0.0)
+            torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-5)
+            assert torch.equal(k, s >= 0.0)
+        print("OK")
+        """
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+
+
+@needs_triton
+def test_triton_rejects_bad_block_sizes(interpret) -> None:
+    w1, b1, _, _ = make_weights(16, 2, None)
+    with pytest.raises(ValueError, match="block_d must be a power of two"):
+        ss.score_and_decide_triton(torch.randn(3, 16), w1, b1, None, None, 0.0, block_d=24)

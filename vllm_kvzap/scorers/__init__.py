@@ -1,0 +1,33 @@
+"""KVzap surrogates: checkpoint I/O (published format, local dir or Hub) and the per-layer scorer.
+
+Data flow: checkpoint on disk -> Surrogate -> kernel (``vllm_kvzap.kernels``) -> keep flags
+consumed by the attention backend. Pure torch + safetensors + huggingface_hub; no vLLM import.
+"""
+
+from vllm_kvzap.scorers.checkpoint import (
+    SurrogateCheckpointError,
+    SurrogateConfig,
+    read_checkpoint,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+    validate_state_dict,
+)
+from vllm_kvzap.scorers.surrogate import (
+    SURROGATE_KINDS,
+    Surrogate,
+    default_surrogate_id,
+    load_surrogate,
+)
+
+__all__ = [
+    "SURROGATE_KINDS",
+    "Surrogate",
+    "SurrogateCheckpointError",
+    "SurrogateConfig",
+    "default_surrogate_id",
+    "load_surrogate",
+    "read_checkpoint",
+    "resolve_checkpoint_dir",
+    "save_checkpoint",
+    "validate_state_dict",
+]

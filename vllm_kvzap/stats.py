@@ -1,0 +1,89 @@
+"""Per-request pruning statistics (scheduler process): JSON lines and a periodic log summary.
+
+Counts come from the workers (see `connector.py`): pruned pairs per layer of a finished request.
+A layer's pruned fraction is pruned pairs / (H_kv x tokens whose KV was computed), as kvpress
+reports it; the request's `pruned_fraction` is the mean over layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+SUMMARY_INTERVAL_S = 10.0
+
+
+@dataclass
+class FinishedRequest:
+    """What the scheduler knows about a request when it finishes (sent to the workers)."""
+
+    request_id: str
+    engine_request_id: str
+    block_ids: list[int]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_kv_tokens: int  # tokens whose KV was computed
+
+
+def request_stats(req: FinishedRequest, pruned_per_layer: list[int], num_kv_heads: int) -> dict:
+    pairs = num_kv_heads * req.num_kv_tokens
+    fractions = [c / pairs if pairs else 0.0 for c in pruned_per_layer]
+    return {
+        "request_id": req.request_id,
+        "engine_request_id": req.engine_request_id,
+        "num_prompt_tokens": req.num_prompt_tokens,
+        "num_output_tokens": req.num_output_tokens,
+        "num_kv_tokens": req.num_kv_tokens,
+        "pruned_pairs_per_layer": pruned_per_layer,
+        "pruned_fraction_per_layer": fractions,
+        "pruned_fraction": sum(fractions) / len(fractions) if fractions else 0.0,
+    }
+
+
+class StatsRecorder:
+    def __init__(self, stats_path: str | None, method: str):
+        self.stats_path = stats_path
+        self.method = method
+        self._lock = threading.Lock()
+        self._num_requests = 0
+        self._sum_fraction = 0.0
+        self._pairs = 0
+        self._pruned = 0
+        self._last_log = time.monotonic()
+        if stats_path:
+            os.makedirs(os.path.dirname(os.path.abspath(stats_path)), exist_ok=True)
+
+    def record(self, stats: dict, num_kv_heads: int) -> None:
+        with self._lock:
+            if self.stats_path:
+                with open(self.stats_path, "a") as f:
+                    f.write(json.dumps(stats) + "\n")
+            self._num_requests += 1
+            self._sum_fraction += stats["pruned_fraction"]
+            num_layers = len(stats["pruned_pairs_per_layer"])
+            self._pairs += num_kv_heads * stats["num_kv_tokens"] * num_layers
+            self._pruned += sum(stats["pruned_pairs_per_layer"])
+            self.maybe_log()
+
+    def maybe_log(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._num_requests or (not force and now - self._last_log < SUMMARY_INTERVAL_S):
+            return
+        self._last_log = now
+        logger.info(
+            "KV pruning (%s): %d requests finished, mean pruned fraction %.3f, "
+            "%d of %d KV pairs pruned (%.1f%%)",
+            self.method,
+            self._num_requests,
+            self._sum_fraction / self._num_requests,
+            self._pruned,
+            self._pairs,
+            100.0 * self._pruned / max(self._pairs, 1),
+        )
