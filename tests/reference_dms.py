@@ -271,9 +271,8 @@ class ReferenceSurrogate:
             if self.kind == "linear":
                 self.mods.append((sd[f"layers.{i}.weight"], sd[f"layers.{i}.bias"]))
             else:
-                self.mods.append(
-                    (sd[f"layers.{i}.0.weight"], sd[f"layers.{i}.0.bias"], sd[f"layers.{i}.2.weight"], sd[f"layers.{i}.2.bias"])
-                )
+                names = (f"layers.{i}.0.weight", f"layers.{i}.0.bias", f"layers.{i}.2.weight", f"layers.{i}.2.bias")
+                self.mods.append(tuple(sd[k] for k in names))
 
     def score(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
         """x: [T, D] self-attention input of the layer -> [T, H_kv] float32 scores."""

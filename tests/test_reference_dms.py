@@ -429,7 +429,9 @@ def test_eos_stops_generation(tiny):
     k = 3
     eos = full["output_ids"][k]
     first = full["output_ids"].index(eos)
-    res = ref.dms_generate(tiny["model"], tiny["linear"], ids, max_new_tokens=8, threshold=-2.0, window=2, eos_token_id=eos)
+    res = ref.dms_generate(
+        tiny["model"], tiny["linear"], ids, max_new_tokens=8, threshold=-2.0, window=2, eos_token_id=eos
+    )
     assert res["output_ids"] == full["output_ids"][: first + 1]
     assert len(res["logits"]) == first + 1
     assert res["num_kv_tokens"] == len(ids) + first
@@ -443,3 +445,15 @@ def test_surrogate_shape_mismatch_is_rejected(tiny, tmp_path):
     bad = _make_surrogate(tmp_path / "bad", "linear", seed=4, input_dim=HIDDEN + 1)
     with pytest.raises(ValueError, match="does not fit"):
         ref.dms_generate(tiny["model"], bad, [1, 2, 3], max_new_tokens=2, threshold=-3.0, window=1)
+
+
+def test_threshold_is_strict(tiny):
+    """A score exactly equal to the threshold is kept (pruned iff score < threshold)."""
+    ids = _prompt(9, seed=17)
+    base = ref.dms_generate(tiny["model"], tiny["mlp"], ids, max_new_tokens=1, threshold=float("-inf"), window=0)
+    s = base["scores"][1]  # layer 1, [P, H_kv]; prefill is dense so scores do not depend on the threshold
+    thr = float(s[4, 1])  # exactly representable: float32 -> Python float is exact
+    res = ref.dms_generate(tiny["model"], tiny["mlp"], ids, max_new_tokens=1, threshold=thr, window=0)
+    assert torch.equal(res["scores"][1], s)
+    assert not res["pruned_mask"][1][1, 4]
+    assert torch.equal(res["pruned_mask"][1], (s < thr).t())

