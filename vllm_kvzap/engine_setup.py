@@ -18,8 +18,18 @@ logger = init_logger(__name__)
 
 
 def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
+    from vllm.platforms import current_platform
+
     errors: list[str] = []
     changed: list[str] = []
+
+    if not current_platform.is_cpu():
+        # Refuse rather than silently run unpruned: the attention backend that applies the
+        # decisions is registered for vLLM's CPU platform only so far.
+        raise KVPruningConfigError(
+            f"kv_pruning currently runs on vLLM's CPU platform only, not on "
+            f"{current_platform.device_name}; run without --kv-pruning on this machine"
+        )
 
     if args.enable_prefix_caching:
         errors.append("prefix caching (drop --enable-prefix-caching / enable_prefix_caching=True)")

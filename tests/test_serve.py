@@ -1,0 +1,155 @@
+"""`vllm-kvzap serve` (vLLM's CLI; `vllm serve` on GPU builds) with `--kv-pruning` on loopback.
+
+One server for the module: it answers through the OpenAI-compatible API and writes the request's
+statistics line. Bad command lines end quickly with a one-line error and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+STARTUP_TIMEOUT_S = 240
+
+
+def cli() -> list[str]:
+    script = Path(sys.executable).parent / "vllm-kvzap"
+    assert script.exists(), "the vllm-kvzap console script is not installed (pip install -e .)"
+    return [str(script)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    stats_path = tmp / "stats.jsonl"
+    port = free_port()
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [*cli(), "serve", str(tiny_model_dir["model"]),
+         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--max-model-len", "1024", "--kv-cache-memory-bytes", str(64 * 2**20),
+         "--served-model-name", "tiny",
+         "--kv-pruning", "kvzap-mlp", "--kv-pruning-window", "16",
+         "--kv-pruning-surrogate", str(tiny_model_dir["mlp"]),
+         "--kv-pruning-stats", str(stats_path)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited ({proc.returncode}):\n{(tmp / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server did not become healthy in time")
+            time.sleep(1)
+        yield {"base": base, "stats_path": stats_path, "log": tmp / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def wait_for_stats(path: Path, response_id: str, timeout_s: float = 30.0) -> dict:
+    """The line of an API response: vLLM names a completion's n-th prompt `{id}-{n}`."""
+    wanted = {response_id, f"{response_id}-0"}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                stats = json.loads(line)
+                if stats["request_id"] in wanted:
+                    return stats
+        time.sleep(0.2)
+    raise AssertionError(f"no statistics line for {response_id} in {path}")
+
+
+def test_completion_with_pruning_reports_statistics(server):
+    prompt = "The river runs through the valley and the valley " * 12
+    resp = post(
+        f"{server['base']}/v1/completions",
+        {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True},
+    )
+    assert resp["usage"]["completion_tokens"] == 24
+    stats = wait_for_stats(server["stats_path"], resp["id"])
+    assert stats["num_prompt_tokens"] == resp["usage"]["prompt_tokens"]
+    assert stats["num_output_tokens"] == 24
+    assert len(stats["pruned_fraction_per_layer"]) == 4
+    assert 0.1 < stats["pruned_fraction"] < 0.9
+
+
+def test_chat_completion_with_pruning(server):
+    resp = post(
+        f"{server['base']}/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "Tell me about rivers. " * 8}],
+         "max_tokens": 8, "temperature": 0},
+    )  # fmt: skip
+    assert resp["choices"][0]["message"]["content"] is not None
+    stats = wait_for_stats(server["stats_path"], resp["id"])
+    assert stats["num_prompt_tokens"] == resp["usage"]["prompt_tokens"]
+
+
+def test_help_lists_the_flags():
+    out = subprocess.run(
+        [*cli(), "serve", "--help=kv-pruning"], capture_output=True, text=True, timeout=180
+    )
+    for flag in ("--kv-pruning ", "--kv-pruning-threshold", "--kv-pruning-window",
+                 "--kv-pruning-surrogate", "--kv-pruning-stats"):  # fmt: skip
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--kv-pruning", "kvzap-huge"], "invalid choice: 'kvzap-huge'"),
+        (["--kv-pruning", "kvzap-mlp", "--kv-pruning-window", "-1"], "window must be >= 0"),
+        (["--kv-pruning", "kvzap-mlp", "--kv-pruning-threshold", "low"], "threshold must be a number"),
+        (["--kv-pruning", "kvzap-mlp", "--kv-pruning-surrogate", "/nonexistent/kvzap"], "/nonexistent/kvzap"),
+    ],
+)  # fmt: skip
+def test_bad_command_lines_fail_fast_and_clearly(tiny_model_dir, extra, needle):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [*cli(), "serve", str(tiny_model_dir["model"]), "--dtype", "float32",
+         "--max-model-len", "512", *extra],
+        capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_console_script_on_path():
+    assert shutil.which("vllm-kvzap", path=str(Path(sys.executable).parent))
