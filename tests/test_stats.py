@@ -9,7 +9,7 @@ from vllm_kvzap.stats import FinishedRequest, StatsRecorder, request_stats
 
 
 def finished(num_kv_tokens=10) -> FinishedRequest:
-    return FinishedRequest("r1", "r1-abcd1234", [3, 4], 7, 4, num_kv_tokens)
+    return FinishedRequest("r1", "r1-abcd1234", [3, 4], 3, 7, 4, num_kv_tokens)
 
 
 def test_fractions_are_pairs_over_heads_times_tokens():

@@ -19,6 +19,7 @@ from vllm_kvzap.config import (
     DEFAULT_THRESHOLD,
     DEFAULT_WINDOW,
     METHODS,
+    MODES,
     KVPruningConfig,
     KVPruningConfigError,
 )
@@ -30,6 +31,7 @@ FLAG_TO_KEY = {
     "kv_pruning_window": "window",
     "kv_pruning_surrogate": "surrogate",
     "kv_pruning_stats": "stats_path",
+    "kv_pruning_mode": "mode",
 }
 
 
@@ -80,6 +82,13 @@ def add_kv_pruning_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Surrogate checkpoint: a local directory or a hub id (default: "
         "nvidia/KVzap-{linear|mlp}-{model basename}).",
+    )
+    group.add_argument(
+        "--kv-pruning-mode",
+        choices=MODES,
+        default=None,
+        help="paged (default): pruned pairs give their KV memory back, so more requests fit; "
+        "mask: pruned pairs are only hidden from attention (same decisions, no memory saved).",
     )
     group.add_argument(
         "--kv-pruning-stats",

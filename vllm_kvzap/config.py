@@ -18,6 +18,9 @@ ADDITIONAL_CONFIG_KEY = "kv_pruning"
 KVZAP_METHODS = {"kvzap-mlp": "mlp", "kvzap-linear": "linear"}
 METHODS = ("none", *KVZAP_METHODS)
 
+# "paged": pruned pairs stop occupying KV memory; "mask": they are only hidden from attention.
+MODES = ("paged", "mask")
+
 DEFAULT_THRESHOLD = -4.0
 DEFAULT_WINDOW = 128
 
@@ -33,6 +36,11 @@ class KVPruningConfig:
     window: int = DEFAULT_WINDOW
     surrogate: str | None = None
     stats_path: str | None = None
+    mode: str = "paged"
+
+    @property
+    def paged(self) -> bool:
+        return self.enabled and self.mode == "paged"
 
     @property
     def enabled(self) -> bool:
@@ -74,7 +82,13 @@ class KVPruningConfig:
             raise KVPruningConfigError(
                 f"unknown kv_pruning method {method!r}; choose one of {list(METHODS)}"
             )
+        mode = options.get("mode", "paged")
+        if mode not in MODES:
+            raise KVPruningConfigError(
+                f"unknown kv_pruning mode {mode!r}; choose one of {list(MODES)}"
+            )
         return cls(
+            mode=mode,
             method=method,
             threshold=_parse_threshold(options.get("threshold", DEFAULT_THRESHOLD)),
             window=_parse_window(options.get("window", DEFAULT_WINDOW)),

@@ -20,6 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from vllm_kvzap.cache.manager import KVzapBlockManager, ResidentReport
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.stats import FinishedRequest, StatsRecorder, request_stats
 
@@ -27,17 +28,26 @@ from vllm_kvzap.stats import FinishedRequest, StatsRecorder, request_stats
 @dataclass
 class KVzapConnectorMetadata(KVConnectorMetadata):
     finished: list[FinishedRequest] = field(default_factory=list)
+    freed_keys: list[int] = field(default_factory=list)  # paged mode: finished or preempted
     block_size: int = 0
 
 
 @dataclass
+class FinishedCounts:
+    request: FinishedRequest
+    pruned_per_layer: list[int]
+    peak_pages: int | None = None  # paged mode
+    end_pages: int | None = None
+
+
+@dataclass
 class KVzapWorkerMetadata(KVConnectorWorkerMetadata):
-    # (finished request, pruned pairs per layer)
-    counts: list[tuple[FinishedRequest, list[int]]] = field(default_factory=list)
+    counts: list[FinishedCounts] = field(default_factory=list)
+    reports: dict[int, ResidentReport] = field(default_factory=dict)  # by request key
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KVzapWorkerMetadata)
-        return KVzapWorkerMetadata(self.counts + other.counts)
+        return KVzapWorkerMetadata(self.counts + other.counts, {**self.reports, **other.reports})
 
 
 def _external_request_id(engine_request_id: str) -> str:
@@ -55,7 +65,8 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         self.pruning = KVPruningConfig.from_additional_config(vllm_config.additional_config)
         self.num_kv_heads = vllm_config.model_config.get_total_num_kv_heads()
         self._finished: list[FinishedRequest] = []
-        self._counts: list[tuple[FinishedRequest, list[int]]] = []
+        self._counts: list[FinishedCounts] = []
+        self._manager: KVzapBlockManager | None = None
         self._recorder = (
             StatsRecorder(self.pruning.stats_path, self.pruning.method)
             if role == KVConnectorRole.SCHEDULER
@@ -63,27 +74,55 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         )
 
     # ---------------- worker side ----------------
-    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
-        super().bind_connector_metadata(connector_metadata)
-        assert isinstance(connector_metadata, KVzapConnectorMetadata)
-        if not connector_metadata.finished:
-            return
+    def register_kv_caches(self, kv_caches) -> None:
         from vllm_kvzap.attention.runtime import get_runtime
 
         runtime = get_runtime()
+        if self.pruning.paged and runtime is not None:
+            runtime.setup_paged(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Before the step's forward pass: count finished requests, release freed pages."""
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, KVzapConnectorMetadata)
+        from vllm_kvzap.attention.runtime import get_runtime
+
+        runtime = get_runtime()
+        paged = runtime.paged if runtime is not None else None
         for req in connector_metadata.finished:
             if runtime is None:
-                counts = []
-            else:
+                self._counts.append(FinishedCounts(req, []))
+            elif paged is None:
                 counts = runtime.count_pruned(
                     req.block_ids, req.num_kv_tokens, connector_metadata.block_size
                 )
-            self._counts.append((req, counts))
+                self._counts.append(FinishedCounts(req, counts))
+            else:
+                pages = paged.requests.get(req.key)
+                if pages is None:  # finished before any KV was computed
+                    self._counts.append(FinishedCounts(req, [0] * runtime.num_layers, 0, 0))
+                    continue
+                counts = [layer.pruned_total() for layer in pages.layers]
+                self._counts.append(
+                    FinishedCounts(req, counts, pages.peak_pages, pages.num_pages())
+                )
+        if paged is not None:
+            for key in connector_metadata.freed_keys:
+                paged.release(key)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        if not self._counts:
+        from vllm_kvzap.attention.runtime import get_runtime
+
+        runtime = get_runtime()
+        reports = {}
+        if runtime is not None and runtime.paged is not None:
+            reports = {
+                key: ResidentReport(req.num_pages(), req.next_step_pages(), req.layers[0].dense)
+                for key, req in runtime.paged.requests.items()
+            }
+        if not self._counts and not reports:
             return None
-        meta, self._counts = KVzapWorkerMetadata(self._counts), []
+        meta, self._counts = KVzapWorkerMetadata(self._counts, reports), []
         return meta
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
@@ -105,9 +144,25 @@ class KVzapPruningConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         return
 
+    def bind_kv_cache_manager(self, kv_cache_manager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        for manager in kv_cache_manager.coordinator.single_type_managers:
+            if isinstance(manager, KVzapBlockManager):
+                group = self._kv_cache_config.kv_cache_groups[manager.kv_cache_group_id]
+                manager.pages_per_block = len(group.layer_names) * group.kv_cache_spec.num_kv_heads
+                self._manager = manager
+        if self.pruning.paged and self._manager is None:
+            raise RuntimeError("kv_pruning paged mode: the KVzap block manager is not in use")
+
+    def _page_bytes(self) -> int:
+        spec = self._kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        return spec.page_size_bytes // spec.num_kv_heads
+
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         block_size = self._kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        meta, self._finished = KVzapConnectorMetadata(self._finished, block_size), []
+        freed = [key for _, key in self._manager.take_freed()] if self._manager else []
+        meta = KVzapConnectorMetadata(self._finished, freed, block_size)
+        self._finished = []
         return meta
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
@@ -116,6 +171,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                 request_id=_external_request_id(request.request_id),
                 engine_request_id=request.request_id,
                 block_ids=list(block_ids),
+                key=block_ids[0] if block_ids else -1,
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_output_tokens=request.num_output_tokens,
                 num_kv_tokens=request.num_computed_tokens,
@@ -127,5 +183,30 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         meta = connector_output.kv_connector_worker_meta
         if not isinstance(meta, KVzapWorkerMetadata) or self._recorder is None:
             return
-        for req, counts in meta.counts:
-            self._recorder.record(request_stats(req, counts, self.num_kv_heads), self.num_kv_heads)
+        if self._manager is not None and meta.reports:
+            by_key = {
+                blocks[0].block_id: req_id
+                for req_id, blocks in self._manager.req_to_blocks.items()
+                if blocks
+            }
+            for key, report in meta.reports.items():
+                if key in by_key:
+                    self._manager.apply_report(by_key[key], report)
+        for c in meta.counts:
+            stats = request_stats(c.request, c.pruned_per_layer, self.num_kv_heads)
+            if c.peak_pages is not None:
+                page_bytes = self._page_bytes()
+                pages_per_block = self._manager.pages_per_block if self._manager else 0
+                dense_pages = pages_per_block * -(-c.request.num_kv_tokens // self._block_size())
+                stats.update(
+                    resident_kv_pages_peak=c.peak_pages,
+                    resident_kv_pages_end=c.end_pages,
+                    dense_kv_pages=dense_pages,
+                    resident_kv_bytes_peak=c.peak_pages * page_bytes,
+                    resident_kv_bytes_end=c.end_pages * page_bytes,
+                    dense_kv_bytes=dense_pages * page_bytes,
+                )
+            self._recorder.record(stats, self.num_kv_heads)
+
+    def _block_size(self) -> int:
+        return self._kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size

@@ -44,6 +44,8 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
         errors.append("a KV connector (--kv-transfer-config); the plugin uses its own")
     if args.kv_cache_dtype not in ("auto", None):
         errors.append(f"kv_cache_dtype={args.kv_cache_dtype!r} (use the model dtype)")
+    if pruning.paged and args.async_scheduling:
+        errors.append("async scheduling (drop --async-scheduling)")
     if errors:
         raise KVPruningConfigError(
             f"kv_pruning method {pruning.method!r} cannot be combined with: " + "; ".join(errors)
@@ -52,6 +54,9 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
         # The scoring hooks run in Python between layers; torch.compile would defer them.
         args.enforce_eager = True
         changed.append("torch.compile and CUDA graphs (enforce_eager=True)")
+    if pruning.paged and args.async_scheduling is None:
+        # the block manager sizes each step from the previous step's page counts
+        args.async_scheduling = False
     args.kv_transfer_config = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both")
     if changed:
         logger.warning(
@@ -86,11 +91,13 @@ def finish_vllm_config(vllm_config, pruning: KVPruningConfig) -> None:
         window=pruning.window,
         surrogate=str(surrogate_dir),
         stats_path=pruning.stats_path,
+        mode=pruning.mode,
     )
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = resolved.to_dict()
     logger.info(
-        "KV pruning: %s, threshold %g, window %d, surrogate %s",
+        "KV pruning: %s (%s mode), threshold %g, window %d, surrogate %s",
         pruning.method,
+        pruning.mode,
         pruning.threshold,
         pruning.window,
         surrogate_id,

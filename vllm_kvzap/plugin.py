@@ -25,7 +25,10 @@ def register() -> None:
 
     from vllm_kvzap import patches
 
+    from vllm_kvzap.cache.spec import register_spec
+
     patches.apply()
+    register_spec()
     if current_platform.is_cpu():
         # The CPU platform always selects CPU_ATTN; our subclass behaves exactly like it
         # unless kv_pruning is on.

@@ -15,11 +15,13 @@ KV cache layout: vLLM's CPU shape `[num_blocks, H_kv, block_size, 2 * head_size]
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -27,6 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm_kvzap.attention.paged import StepRows
 from vllm_kvzap.attention.runtime import get_runtime
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.kernels.paged_attention import paged_attention_masked_torch
@@ -38,7 +41,8 @@ def _pruning_config(vllm_config) -> KVPruningConfig:
 
 @dataclass
 class KVzapCPUAttentionMetadata(CPUAttentionMetadata):
-    judged_upto: torch.Tensor | None = None  # [num_reqs] int64, cpu
+    judged_upto: torch.Tensor | None = None  # mask mode: [num_reqs] int64, cpu
+    rows: StepRows | None = None  # paged mode
 
 
 class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -60,14 +64,22 @@ class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         query_lens = (cm.query_start_loc_cpu[1:] - cm.query_start_loc_cpu[:-1])[:num_reqs]
         seq_lens = cm.seq_lens[:num_reqs].cpu()
         num_computed = seq_lens - query_lens
-        judged_upto = (num_computed - self.pruning.window).clamp(min=0).long()
         if cm.is_prefilling is None:
             raise RuntimeError("kv_pruning needs is_prefilling in the attention metadata")
-        judged_upto[torch.as_tensor(cm.is_prefilling[:num_reqs]).cpu()] = 0
-        return KVzapCPUAttentionMetadata(
-            **{f: getattr(meta, f) for f in CPUAttentionMetadata.__dataclass_fields__},
-            judged_upto=judged_upto,
-        )
+        is_prefilling = torch.as_tensor(cm.is_prefilling[:num_reqs]).cpu()
+        fields = {f: getattr(meta, f) for f in CPUAttentionMetadata.__dataclass_fields__}
+        if self.pruning.paged:
+            rows = StepRows(
+                keys=cm.block_table_tensor[:num_reqs, 0].tolist(),
+                num_computed=num_computed.tolist(),
+                query_lens=query_lens.tolist(),
+                is_prefilling=is_prefilling.tolist(),
+                query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1].clone(),
+            )
+            return KVzapCPUAttentionMetadata(**fields, rows=rows)
+        judged_upto = (num_computed - self.pruning.window).clamp(min=0).long()
+        judged_upto[is_prefilling] = 0
+        return KVzapCPUAttentionMetadata(**fields, judged_upto=judged_upto)
 
 
 class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
@@ -95,6 +107,8 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         )
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        if self._prunes() and self.pruning.paged:
+            return  # paged mode writes K/V into the request's pages in `forward`
         if not self._prunes():
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         key_cache, value_cache = _split_kv_cache(kv_cache)
@@ -129,11 +143,24 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
 
             self.layer_idx = extract_layer_index(layer.layer_name)
         runtime = get_runtime()
+        n = attn_metadata.num_actual_tokens
+        if self.pruning.paged:
+            keep = runtime.pending_keep.pop(self.layer_idx)
+            runtime.paged.forward_layer(
+                self.layer_idx,
+                attn_metadata.rows,
+                query[:n],
+                key[:n],
+                value[:n],
+                keep[:n],
+                self.scale,
+                output[:n].view(n, self.num_heads, self.head_size),
+            )
+            return output
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         keep_cache = runtime.keep_cache(
             self.layer_idx, num_blocks * block_size, num_kv_heads, kv_cache.device
         )
-        n = attn_metadata.num_actual_tokens
         keep = runtime.pending_keep.pop(self.layer_idx)
         keep_cache[attn_metadata.slot_mapping[:n].long()] = keep[:n]
         key_cache, value_cache = _split_kv_cache(kv_cache)
@@ -162,6 +189,17 @@ class KVzapCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return "CPU_ATTN"
+
+    @classmethod
+    def customize_spec(cls, spec):
+        spec = super().customize_spec(spec)
+        runtime = get_runtime()  # installed with the model, before the KV cache specs are asked
+        if runtime is not None and runtime.config.paged and type(spec) is FullAttentionSpec:
+            from vllm_kvzap.cache.spec import KVzapAttentionSpec
+
+            fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
+            return KVzapAttentionSpec(**fields)
+        return spec
 
     @staticmethod
     def get_impl_cls() -> type[KVzapCPUAttentionBackendImpl]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vllm_kvzap.attention.paged import PagedKV
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.scorers import Surrogate, load_surrogate
 
@@ -27,7 +28,15 @@ class PruningRuntime:
         self.surrogate = surrogate
         self.num_layers = num_layers
         self.pending_keep: dict[int, torch.Tensor] = {}
-        self.keep_caches: dict[int, torch.Tensor] = {}
+        self.keep_caches: dict[int, torch.Tensor] = {}  # mask mode
+        self.paged: PagedKV | None = None  # paged mode
+
+    def setup_paged(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        by_layer = sorted((extract_layer_index(name), t) for name, t in kv_caches.items())
+        assert [i for i, _ in by_layer] == list(range(self.num_layers)), sorted(kv_caches)
+        self.paged = PagedKV([t for _, t in by_layer], self.num_layers, self.config.window)
 
     def score(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
         _, keep = self.surrogate.score_and_decide(hidden_states, layer_idx, self.config.threshold)
