@@ -1,5 +1,7 @@
 """End to end through vLLM's offline `LLM`, against independent references.
 
+Paged mode (the default) everywhere, plus one engine in mask mode.
+
 - threshold -inf: tokens equal plain vLLM's (plugin off), token for token;
 - threshold -4: tokens, log-probabilities and per-layer pruned pairs equal the plain-torch DMS
   reference (`reference_dms.py`, which masks pruned pairs explicitly), for prompts shorter and
@@ -94,6 +96,13 @@ def pruned_mlp(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pruned_mlp_mask(tiny_model_dir, tmp_path_factory):
+    pruning = {"method": "kvzap-mlp", "threshold": -4, "window": WINDOW, "mode": "mask",
+               "surrogate": str(tiny_model_dir["mlp"])}  # fmt: skip
+    return run_engine(tiny_model_dir, tmp_path_factory, pruning)
+
+
+@pytest.fixture(scope="module")
 def pruned_linear_chunked(tiny_model_dir, tmp_path_factory):
     # 32-token budget per step: the 40- and 150-token prompts are prefilled in several chunks.
     pruning = {"method": "kvzap-linear", "threshold": -4, "window": WINDOW,
@@ -142,6 +151,13 @@ def check_against_reference(run: dict, tiny, kind: str) -> list[float]:
 def test_mlp_pruning_equals_reference(pruned_mlp, tiny_model_dir):
     fractions = check_against_reference(pruned_mlp, tiny_model_dir, "mlp")
     assert max(fractions) > 0.2  # pruning really happened
+
+
+def test_mask_mode_equals_reference_and_paged_mode(pruned_mlp_mask, pruned_mlp, tiny_model_dir):
+    check_against_reference(pruned_mlp_mask, tiny_model_dir, "mlp")
+    for masked, paged in zip(pruned_mlp_mask["results"], pruned_mlp["results"]):
+        assert masked["tokens"] == paged["tokens"]  # same decisions, only memory differs
+        assert masked["stats"]["pruned_pairs_per_layer"] == paged["stats"]["pruned_pairs_per_layer"]
 
 
 def test_linear_pruning_with_chunked_prefill_equals_reference(pruned_linear_chunked, tiny_model_dir):
