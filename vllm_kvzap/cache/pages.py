@@ -12,9 +12,10 @@ pool hands out any page except those of the null block 0. A request's pages are 
   newest tokens (position p in ring slot p mod (window + 1)).
 The switch happens at the start of the first decoding step: every token older than the window is
 judged from the keep flag the scoring hook gave it when it was written, survivors are copied to
-fresh pages and the prompt's pages go back to the pool. Afterwards each step writes the new token
-into the ring, attends, then judges the token that left the window: kept -> appended to the
-survivors, pruned -> dropped. Pruned pairs therefore stop occupying memory at once, and a request
+fresh pages and the prompt's pages go back to the pool. Afterwards each step moves the token that
+leaves the window to the end of the survivors, writes the new token into its ring slot, attends
+(the leaving token is still seen, as DMS wants), then judges the leaving token: pruned -> dropped
+from the survivors' end. Pruned pairs therefore stop occupying memory at once, and a request
 holds `sum over streams of ceil(survivors / block_size) + ring pages`.
 """
 
@@ -75,7 +76,8 @@ class LayerStreams:
 
     def __init__(self, num_heads: int, window: int, block_size: int):
         self.num_heads, self.window, self.block_size = num_heads, window, block_size
-        self.ring_size = window + 1
+        self.ring_size = window
+        self.leaving: torch.Tensor | None = None  # keep flags of the token on probation
         self.dense = True
         self.num_tokens = 0
         self.pages = torch.empty(num_heads, 0, dtype=torch.long)  # dense pages / survivors
@@ -84,7 +86,7 @@ class LayerStreams:
         self.ring_pages = torch.full(
             (num_heads, -(-self.ring_size // block_size)), NO_PAGE, dtype=torch.long
         )
-        self.ring_keep = torch.zeros(num_heads, self.ring_size, dtype=torch.bool)
+        self.ring_keep = torch.zeros(num_heads, max(self.ring_size, 1), dtype=torch.bool)
         self.pruned = torch.zeros(num_heads, dtype=torch.long)
 
     # ---- accounting ----
@@ -99,9 +101,12 @@ class LayerStreams:
         if self.dense:
             # compaction can leave a partial survivor page and a partial ring page per stream
             return self.num_pages() + self.num_heads
-        extra = int((self.surv_len % self.block_size == 0).sum())  # a kept token needs a page
-        next_slot = self.num_tokens % self.ring_size
-        extra += int((self.ring_pages[:, next_slot // self.block_size] < 0).sum())
+        extra = 0
+        if self.num_tokens >= self.ring_size:  # a token moves to the survivors
+            extra += int((self.surv_len % self.block_size == 0).sum())
+        if self.ring_size:
+            next_slot = self.num_tokens % self.ring_size
+            extra += int((self.ring_pages[:, next_slot // self.block_size] < 0).sum())
         return self.num_pages() + extra
 
     def pruned_total(self) -> int:
@@ -169,36 +174,59 @@ class LayerStreams:
         self.dense = False
 
     # ---- ring mode ----
-    def append_ring(self, pool: PagePool, keep: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Reserve the ring slot of the new token; returns (pages [H], offset)."""
-        slot = self.num_tokens % self.ring_size
-        k = slot // self.block_size
+    def append_ring(self, pool: PagePool, kv_pages: torch.Tensor, keep: torch.Tensor):
+        """Before attention: the token leaving the window moves to the survivors (on probation
+        until `judge_leaving`, as this step's query must still see it) and the new token takes
+        its ring slot. Returns the new token's (pages [H], offset)."""
+        n, bs = self.num_tokens, self.block_size
+        keep = keep.reshape(-1).cpu()
+        self.leaving = None
+        if self.ring_size == 0:  # window 0: the new token itself is judged after this step
+            self.leaving = keep
+            pages, offset = self._append_survivor(pool, torch.ones_like(keep))
+            self.num_tokens += 1
+            return pages, offset
+        slot = n % self.ring_size
+        k = slot // bs
+        if n >= self.ring_size:  # the slot holds position n - window, which leaves now
+            self.leaving = self.ring_keep[:, slot].clone()
+            dst_pages, dst_off = self._append_survivor(pool, torch.ones_like(keep))
+            kv_pages[dst_pages, :, dst_off] = kv_pages[self.ring_pages[:, k], :, slot % bs]
         missing = (self.ring_pages[:, k] < 0).nonzero().squeeze(1)
         if len(missing):
             self.ring_pages[missing, k] = pool.alloc(len(missing))
-        self.ring_keep[:, slot] = keep.reshape(-1).cpu()
+        self.ring_keep[:, slot] = keep
         self.num_tokens += 1
-        return self.ring_pages[:, k], slot % self.block_size
+        return self.ring_pages[:, k], slot % bs
+
+    def _append_survivor(self, pool: PagePool, heads: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One more survivor slot in every stream; returns (pages [H], offsets [H])."""
+        bs = self.block_size
+        n = self.surv_len
+        need = (n % bs == 0).nonzero().squeeze(1)
+        width = int((n // bs).max()) + 1
+        if width > self.pages.shape[1]:
+            pad = torch.full((self.num_heads, width - self.pages.shape[1]), NO_PAGE)
+            self.pages = torch.cat([self.pages, pad], dim=1)
+        if len(need):
+            self.pages[need, n[need] // bs] = pool.alloc(len(need))
+        pages = self.pages[torch.arange(self.num_heads), n // bs]
+        self.surv_len = n + 1
+        return pages, n % bs
 
     def judge_leaving(self, pool: PagePool, kv_pages: torch.Tensor) -> None:
-        """After attention: the token that just left the window is kept or dropped."""
-        position = self.num_tokens - 1 - self.window
-        if position < 0:
+        """After attention: a pruned leaving token is dropped from the survivors' end."""
+        if self.leaving is None:
             return
-        slot = position % self.ring_size
-        bs = self.block_size
-        keep = self.ring_keep[:, slot]
-        self.pruned += (~keep).long()
-        src_page = self.ring_pages[:, slot // bs]
-        for h in keep.nonzero().squeeze(1).tolist():
-            n = int(self.surv_len[h])
-            if n % bs == 0:
-                if n // bs >= self.pages.shape[1]:
-                    pad = torch.full((self.num_heads, 1), NO_PAGE, dtype=torch.long)
-                    self.pages = torch.cat([self.pages, pad], dim=1)
-                self.pages[h, n // bs] = pool.alloc(1)[0]
-            kv_pages[self.pages[h, n // bs], :, n % bs] = kv_pages[src_page[h], :, slot % bs]
-            self.surv_len[h] = n + 1
+        pruned = ~self.leaving
+        self.leaving = None
+        self.pruned += pruned.long()
+        for h in pruned.nonzero().squeeze(1).tolist():
+            n = int(self.surv_len[h]) - 1
+            self.surv_len[h] = n
+            if n % self.block_size == 0:  # its page is empty now
+                pool.release(self.pages[h, n // self.block_size : n // self.block_size + 1])
+                self.pages[h, n // self.block_size] = NO_PAGE
 
     def page_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pages [H, P], len_a [H], len_b [H]) in the layout of `head_paged_attention`."""
