@@ -70,6 +70,7 @@ def main() -> None:
         dtype="float32",
         max_model_len=4096,
         kv_cache_memory_bytes=256 * 2**20,
+        block_size=32,
         additional_config={
             "kv_pruning": {
                 "method": args.method,
@@ -87,7 +88,8 @@ def main() -> None:
     stats = {s["request_id"]: s for s in read_stats(stats_path, len(prompts))}
 
     print(f"\nKVzap pruning: {args.method}, threshold {args.threshold:g}, window {args.window}")
-    print(f"{'request':>8} {'prompt':>7} {'output':>7} {'pruned':>7}  per layer")
+    print(f"{'request':>8} {'prompt':>7} {'output':>7} {'pruned':>7} {'KV KiB':>8} {'vLLM KiB':>9}"
+          "  per layer")
     for out in outputs:
         s = stats.get(out.request_id)
         if s is None:
@@ -96,11 +98,15 @@ def main() -> None:
         per_layer = " ".join(f"{f:.2f}" for f in s["pruned_fraction_per_layer"])
         print(
             f"{out.request_id:>8} {s['num_prompt_tokens']:>7} {s['num_output_tokens']:>7} "
-            f"{s['pruned_fraction']:>7.3f}  [{per_layer}]"
+            f"{s['pruned_fraction']:>7.3f} {s['resident_kv_bytes_end'] / 1024:>8.0f} "
+            f"{s['dense_kv_bytes'] / 1024:>9.0f}  [{per_layer}]"
         )
     if stats:
         mean = sum(s["pruned_fraction"] for s in stats.values()) / len(stats)
-        print(f"mean pruned fraction {mean:.3f} over {len(stats)} requests")
+        held = sum(s["resident_kv_bytes_end"] for s in stats.values())
+        dense = sum(s["dense_kv_bytes"] for s in stats.values())
+        print(f"mean pruned fraction {mean:.3f} over {len(stats)} requests; KV memory held at the "
+              f"end {held / 2**20:.2f} MiB vs {dense / 2**20:.2f} MiB in plain vLLM")
     total_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     print(f"{total_out} tokens generated in {elapsed:.1f} s; statistics in {stats_path}")
     print(f"sample output: {outputs[0].outputs[0].text[:120]!r}")

@@ -23,10 +23,11 @@ Query ``i`` (0-based within row b) of head q sees slot ``j`` of stream (b, q // 
 A or B **and** ``j <= causal_base[b] + i`` (pass a huge value, e.g. ``2**40``, to disable the causal
 limit). Scores are ``scale * q.k``, the softmax is done in fp32 and the result is cast to
 ``out.dtype``. A query that sees no key at all gets an all-zero output (valid inputs never do that).
-Page-table entries past a stream's last page, and the unfilled slots of its pages, are never read.
+Page-table entries past a stream's last page, and the unfilled slots of its pages, are never
+dereferenced (they may hold garbage).
 
 ``paged_attention_heads_torch`` is the reference twin; ``paged_attention_heads_triton`` is a
-flash-decoding style kernel (one program per (row, query block, KV head), online softmax over
+flash-decoding style kernel (one program per (query block, row, KV head), online softmax over
 tiles of logical slots); ``paged_attention_heads`` picks Triton for CUDA tensors.
 """
 
@@ -171,23 +172,26 @@ if HAS_TRITON:
         INPUT_PRECISION: tl.constexpr,
         UPCAST_DOTS: tl.constexpr,
     ):
-        """Attention of one (row b, query block, KV head h) over stream (b, h).
+        """Attention of one (query block, row b, KV head h) over stream (b, h).
 
-        Grid: (B, cdiv(max_query_len, BLOCK_M // G), H_kv). The BLOCK_M score rows of a program are
-        QPB = BLOCK_M // G queries x the G query heads sharing KV head h: row r is query
-        ``first_q + r // G`` of head ``h * G + r % G`` (so K/V tiles are loaded once per group).
-        Loop: tiles of BLOCK_N logical slots up to min(stream end, causal limit of the block);
-        each slot's page comes from the page table, so tiles may straddle pages and BS need not
-        be a power of two. Online softmax in fp32 (running max m_i, denominator l_i, acc).
-        Only loads of visible slots are issued (masked, other=0), so unfilled slots and pages past
-        the stream end are never read. Reductions go through tl.reduce with Triton's own combine
-        functions (what tl.max / tl.sum use) so that Triton's interpreter also runs this kernel
-        when triton was imported without TRITON_INTERPRET=1; likewise tl.full, not tl.zeros.
+        Grid: (cdiv(max_query_len, BLOCK_M // G), B, H_kv); B and H_kv must be <= 65535 (CUDA).
+        The BLOCK_M score rows of a program are QPB = BLOCK_M // G queries x the G query heads
+        sharing KV head h: row r is query ``first_q + r // G`` of head ``h * G + r % G``, so each
+        K/V tile is loaded once per group.
+        Loop: tiles of BLOCK_N slots inside one page (ceil(BS / BLOCK_N) tiles per page, so BS
+        need not be a power of two), over the stream's pages up to ``hi`` = min(stream end, causal
+        limit of the block's last query); one page-table read per tile, only for pages below
+        ceil(hi / BS), which all belong to the stream. K/V loads are masked to in-stream slots
+        below ``hi`` (other=0), so unfilled slots, later pages and keys no query of the block may
+        see are never read. Online softmax in fp32 (running max m_i, denominator l_i, acc).
+        Reductions go through tl.reduce with Triton's own combine functions (what tl.max / tl.sum
+        use), so that the interpreter also runs this kernel when triton was imported without
+        TRITON_INTERPRET=1; likewise tl.full, not tl.zeros.
         UPCAST_DOTS (interpreter + bf16 K/V only) feeds the dots fp32 copies of the same bf16
         values, because the interpreter's bf16 tl.dot multiplies the raw uint16 bit patterns.
         """
-        b = tl.program_id(0)
-        qb = tl.program_id(1)
+        qb = tl.program_id(0)
+        b = tl.program_id(1)
         h = tl.program_id(2)
         QPB: tl.constexpr = BLOCK_M // G
 
@@ -225,17 +229,22 @@ if HAS_TRITON:
         acc = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
         pt_row = pt_ptr + b.to(tl.int64) * stride_ptb + h * stride_pth
         offs_n = tl.arange(0, BLOCK_N)
-        for j0 in range(0, hi, BLOCK_N):
-            j = j0 + offs_n
-            col_ok = ((j < la) | ((j >= b_start) & (j < end))) & (j < hi)
-            page = tl.load(pt_row + (j // BS) * stride_ptp, mask=col_ok, other=0).to(tl.int64)
-            slot = page * stride_kvp + (j % BS) * stride_kvs  # [BLOCK_N] element offsets
+        # tiles never straddle pages: page p holds tiles p*TPP .. p*TPP + TPP - 1
+        TPP: tl.constexpr = (BS + BLOCK_N - 1) // BLOCK_N  # tiles per page
+        n_tiles = (hi + BS - 1) // BS * TPP
+        for t in range(0, n_tiles):
+            p_idx = t // TPP  # page index within the stream (< its page count: hi <= end)
+            in_page = (t % TPP) * BLOCK_N + offs_n  # slot offsets inside the page
+            j = p_idx * BS + in_page  # logical slots
+            col_ok = (in_page < BS) & ((j < la) | ((j >= b_start) & (j < end))) & (j < hi)
+            page = tl.load(pt_row + p_idx * stride_ptp).to(tl.int64)
+            page_ptr = kv_ptr + page * stride_kvp
             k_t = tl.load(  # keys, transposed: [BLOCK_D, BLOCK_N]
-                kv_ptr + slot[None, :] + offs_d[:, None] * stride_kvd,
+                page_ptr + in_page[None, :] * stride_kvs + offs_d[:, None] * stride_kvd,
                 mask=d_ok[:, None] & col_ok[None, :], other=0.0,
             )
             v = tl.load(  # values: [BLOCK_N, BLOCK_D]
-                kv_ptr + stride_kvkv + slot[:, None] + offs_d[None, :] * stride_kvd,
+                page_ptr + stride_kvkv + in_page[:, None] * stride_kvs + offs_d[None, :] * stride_kvd,
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0,
             )
             if UPCAST_DOTS:
@@ -284,6 +293,41 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _launch_config(
+    D: int,
+    G: int,
+    BS: int,
+    max_query_len: int,
+    kv_dtype: torch.dtype,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    input_precision: str = "ieee",
+) -> dict:
+    """Tile sizes, warps and dot precision of one launch (kernel keyword arguments).
+
+    Defaults were chosen so that sm_80 / sm_90 builds do not spill registers (checked by
+    compiling offline for D = 64..256, G = 1..8, decode and prefill; not benchmarked).
+    """
+    BLOCK_D = max(16, _pow2(D))
+    m_cap = 64 if BLOCK_D <= 128 and kv_dtype != torch.float32 else 32
+    BLOCK_M = block_m or max(16, _pow2(G), min(m_cap, _pow2(max_query_len * G)))
+    BLOCK_N = block_n or max(16, min(64, _pow2(BS)))  # one page per tile when BS <= 64
+    for name, blk in (("block_m", BLOCK_M), ("block_n", BLOCK_N)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
+    if BLOCK_M < G:
+        raise ValueError(f"block_m={BLOCK_M} must be >= G={G}")
+    return {
+        "BLOCK_M": BLOCK_M,
+        "BLOCK_N": BLOCK_N,
+        "BLOCK_D": BLOCK_D,
+        # 16-bit dots: Triton's default (their precision setting only matters for fp32)
+        "INPUT_PRECISION": input_precision if kv_dtype == torch.float32 else None,
+        "num_warps": num_warps or (4 if BLOCK_M * BLOCK_D < 16 * 128 else 8),
+    }
+
+
 def paged_attention_heads_triton(
     query: torch.Tensor,
     kv_pages: torch.Tensor,
@@ -298,6 +342,7 @@ def paged_attention_heads_triton(
     max_query_len: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
     input_precision: str = "ieee",
 ) -> torch.Tensor:
     """Triton kernel (see the module docstring for layouts); writes and returns ``out``.
@@ -305,9 +350,11 @@ def paged_attention_heads_triton(
     Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` (slow; for tests). All
     tensors must be on query's device. ``max_query_len`` (the largest row length) sizes the grid;
     when omitted it is computed from ``query_start_loc`` (a device sync if that is on the GPU).
-    ``block_m`` (score rows per program = queries x G heads) and ``block_n`` (slots per tile) are
-    powers of two >= 16; ``block_m`` must be >= G. ``input_precision`` applies to fp32 K/V dots
-    ("ieee" matches the torch twin; "tf32" is faster on Ampere+); 16-bit dots use Triton's default.
+    ``block_m`` (score rows per program = queries x G heads) and ``block_n`` (slots per tile; a
+    page is cut into ceil(BS / block_n) tiles, so block_n > BS wastes lanes) are powers of two
+    >= 16; ``block_m`` must be >= G. ``num_warps`` defaults to 4 for small tiles, else 8.
+    ``input_precision`` applies to fp32 K/V dots ("ieee" matches the torch twin; "tf32" is faster
+    on Ampere+); 16-bit dots use Triton's default.
     Tokens outside every row are left untouched.
     """
     if not HAS_TRITON:
@@ -337,22 +384,16 @@ def paged_attention_heads_triton(
     if max_query_len <= 0:
         return out
 
-    BLOCK_M = block_m or max(16, _pow2(G), min(64, _pow2(max_query_len * G)))
-    BLOCK_N = block_n or max(16, min(64, _pow2(BS)))
-    for name, blk in (("block_m", BLOCK_M), ("block_n", BLOCK_N)):
-        if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
-    if BLOCK_M < G:
-        raise ValueError(f"block_m={BLOCK_M} must be >= G={G}")
-    qpb = BLOCK_M // G
+    cfg = _launch_config(D, G, BS, max_query_len, kv_pages.dtype, block_m, block_n, num_warps,
+                         input_precision)
+    qpb = cfg["BLOCK_M"] // G
     # int32 / int64 as documented; cast (a no-op when they already are) rather than trust callers
     page_table = page_table.to(torch.int32)
     len_a, len_b = len_a.to(torch.int32), len_b.to(torch.int32)
     query_start_loc = query_start_loc.to(torch.int32)
     causal_base = causal_base.to(torch.int64)
-    precision = input_precision if kv_pages.dtype == torch.float32 else None
 
-    grid = (B, triton.cdiv(max_query_len, qpb), H_kv)
+    grid = (triton.cdiv(max_query_len, qpb), B, H_kv)
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
         kernel[grid](
             query, kv_pages, page_table, len_a, len_b, query_start_loc, causal_base, out,
@@ -361,11 +402,8 @@ def paged_attention_heads_triton(
             *len_a.stride(), *len_b.stride(), *out.stride(),
             G=G,
             BS=BS,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-            BLOCK_D=max(16, _pow2(D)),
-            INPUT_PRECISION=precision,
             UPCAST_DOTS=not query.is_cuda and kv_pages.dtype == torch.bfloat16,
+            **cfg,
         )
     return out
 
