@@ -121,6 +121,34 @@ def test_chat_completion_with_pruning(server):
     assert stats["num_prompt_tokens"] == resp["usage"]["prompt_tokens"]
 
 
+def test_prometheus_metrics_report_pruning(server):
+    post(
+        f"{server['base']}/v1/completions",
+        {"model": "tiny", "prompt": "A long river. " * 40, "max_tokens": 16, "ignore_eos": True},
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(f"{server['base']}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("vllm:kv_pruning_"):
+                name, value = line.rsplit(" ", 1)
+                values[name.split("{")[0]] = float(value)
+        if values.get("vllm:kv_pruning_requests_total", 0) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert values["vllm:kv_pruning_requests_total"] >= 1
+    assert values["vllm:kv_pruning_pruned_pairs_total"] > 0
+    assert values["vllm:kv_pruning_kv_pairs_total"] > values["vllm:kv_pruning_pruned_pairs_total"]
+    fraction = values["vllm:kv_pruning_pruned_fraction"]
+    assert fraction == pytest.approx(
+        values["vllm:kv_pruning_pruned_pairs_total"] / values["vllm:kv_pruning_kv_pairs_total"]
+    )
+    assert "vllm:kv_pruning_freed_kv_bytes" in values
+    assert "vllm:kv_pruning_resident_kv_bytes" in values
+
+
 def test_help_lists_the_flags():
     out = subprocess.run(
         [*cli(), "serve", "--help=kv-pruning"], capture_output=True, text=True, timeout=180

@@ -37,3 +37,19 @@ def test_recorder_appends_json_lines_and_logs_a_summary(tmp_path, monkeypatch):
     assert "2 requests finished, mean pruned fraction 0.250, 20 of 80 KV pairs pruned (25.0%)" in (
         messages[-1]
     )
+
+
+def test_connector_stats_sum_counters_and_keep_the_latest_gauges():
+    from vllm_kvzap.metrics import KVzapConnectorStats
+
+    a = KVzapConnectorStats(data={"finished_requests": 1, "pruned_pairs": 30, "kv_pairs": 100,
+                                  "resident_kv_bytes": 5 * 2**20, "dense_kv_bytes": 9 * 2**20})
+    b = KVzapConnectorStats(data={"finished_requests": 2, "pruned_pairs": 10, "kv_pairs": 100,
+                                  "resident_kv_bytes": 2**20, "dense_kv_bytes": 4 * 2**20})
+    merged = a.aggregate(b)
+    assert merged.data["finished_requests"] == 3
+    assert merged.data["resident_kv_bytes"] == 2**20
+    summary = merged.reduce()
+    assert summary["pruned fraction"] == 0.2
+    assert summary["KV freed vs plain vLLM (MiB)"] == 3.0
+    assert KVzapConnectorStats(data={}).is_empty() and not merged.is_empty()

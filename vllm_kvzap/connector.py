@@ -22,6 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from vllm_kvzap.cache.manager import KVzapBlockManager, ResidentReport
 from vllm_kvzap.config import KVPruningConfig
+from vllm_kvzap.metrics import COUNTERS, KVzapConnectorStats, KVzapPromMetrics
 from vllm_kvzap.stats import FinishedRequest, StatsRecorder, request_stats
 
 
@@ -67,6 +68,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         self._finished: list[FinishedRequest] = []
         self._counts: list[FinishedCounts] = []
         self._manager: KVzapBlockManager | None = None
+        self._counters = dict.fromkeys(COUNTERS, 0)
         self._recorder = (
             StatsRecorder(self.pruning.stats_path, self.pruning.method)
             if role == KVConnectorRole.SCHEDULER
@@ -207,6 +209,29 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                     dense_kv_bytes=dense_pages * page_bytes,
                 )
             self._recorder.record(stats, self.num_kv_heads)
+            self._counters["finished_requests"] += 1
+            self._counters["pruned_pairs"] += sum(c.pruned_per_layer)
+            num_layers = len(c.pruned_per_layer)
+            self._counters["kv_pairs"] += num_layers * self.num_kv_heads * c.request.num_kv_tokens
+
+    # ---------------- metrics (vLLM's KV-connector stats channel) ----------------
+    def get_kv_connector_stats(self) -> KVzapConnectorStats | None:
+        if self._recorder is None:  # worker side: the scheduler side reports everything
+            return None
+        data, self._counters = self._counters, dict.fromkeys(COUNTERS, 0)
+        if self._manager is not None:
+            held, dense = self._manager.block_usage()
+            block_bytes = self._page_bytes() * self._manager.pages_per_block
+            data.update(resident_kv_bytes=held * block_bytes, dense_kv_bytes=dense * block_bytes)
+        return KVzapConnectorStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None) -> KVzapConnectorStats:
+        return KVzapConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return KVzapPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def _block_size(self) -> int:
         return self._kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size

@@ -35,6 +35,7 @@ class KVzapBlockManager(FullAttentionManager):
         self.pages_per_block = 0  # set by the connector (needs the number of layers)
         self.reports: dict[str, ResidentReport] = {}
         self.freed: list[tuple[str, int]] = []  # (request id, key) since the last step
+        self.dense_blocks: dict[str, int] = {}  # what plain vLLM would hold, for the metrics
         self._target: tuple[str, int] | None = None
 
     def _target_blocks(self, request_id: str, num_tokens: int, num_computed: int) -> int:
@@ -51,6 +52,7 @@ class KVzapBlockManager(FullAttentionManager):
     ) -> int:
         assert not new_computed_blocks, "prefix caching is off while pruning"
         target = self._target_blocks(request_id, num_tokens, total_computed_tokens)
+        self.dense_blocks[request_id] = cdiv(num_tokens, self.block_size)
         self._target = (request_id, target)
         return max(target - len(self.req_to_blocks.get(request_id, ())), 0)
 
@@ -87,7 +89,13 @@ class KVzapBlockManager(FullAttentionManager):
         if blocks:
             self.freed.append((request_id, blocks[0].block_id))
         self.reports.pop(request_id, None)
+        self.dense_blocks.pop(request_id, None)
         super().free(request_id)
+
+    def block_usage(self) -> tuple[int, int]:
+        """(blocks held by requests, blocks plain vLLM would hold for them)."""
+        held = sum(len(blocks) for blocks in self.req_to_blocks.values())
+        return held, sum(self.dense_blocks.values())
 
     def take_freed(self) -> list[tuple[str, int]]:
         freed, self.freed = self.freed, []
