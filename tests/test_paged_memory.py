@@ -171,3 +171,26 @@ def test_preemption_recomputes_and_frees_everything(engine):
     assert preemptions, "the workload was meant to preempt; shrink the budget"
     assert (block_pool.get_num_free_blocks(), paged.pool.num_free) == before
     assert not paged.requests
+
+
+def test_aborted_requests_free_everything(engine):
+    from vllm import SamplingParams
+
+    llm, _ = engine
+    block_pool, paged = pools(llm)
+    before = (block_pool.get_num_free_blocks(), paged.pool.num_free)
+    engine_ = llm.llm_engine
+    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    for i, n in enumerate((60, 150, 90)):
+        engine_.add_request(f"abort-{i}", {"prompt_token_ids": list(range(10, 10 + n))}, params)
+    for _ in range(8):  # prompts done, a few decoding steps: pages are compacted and in use
+        engine_.step()
+    assert paged.requests and paged.pool.num_free < before[1]
+    engine_.abort_request(["abort-0", "abort-2"])
+    finished = []
+    while engine_.has_unfinished_requests():
+        finished += [o.request_id for o in engine_.step() if o.finished]
+    drain(llm)
+    assert finished == ["abort-1"]
+    assert (block_pool.get_num_free_blocks(), paged.pool.num_free) == before
+    assert not paged.requests

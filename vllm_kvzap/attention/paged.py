@@ -78,10 +78,9 @@ class PagedKV:
             if decode and layer.dense:
                 layer.to_ring(self.pool, kv_pages)
             if layer.dense:
-                pages, offsets = layer.append_dense(self.pool, keep[q0:q1])
-                for h in range(self.num_heads):
-                    kv_pages[pages[:, h], 0, offsets] = key[q0:q1, h].to(kv_pages.dtype)
-                    kv_pages[pages[:, h], 1, offsets] = value[q0:q1, h].to(kv_pages.dtype)
+                pages, offsets = layer.append_dense(self.pool, keep[q0:q1])  # [q, H], [q]
+                kv_pages[pages, 0, offsets[:, None]] = key[q0:q1].to(kv_pages.dtype)
+                kv_pages[pages, 1, offsets[:, None]] = value[q0:q1].to(kv_pages.dtype)
                 causal_base.append(num_computed)
             else:
                 pages, offset = layer.append_ring(self.pool, kv_pages, keep[q0:q1])
