@@ -120,9 +120,15 @@ def _engine_args(tiny_model_dir, **pruning):
     )
 
 
-def test_engine_config_turns_off_conflicts_and_names_the_connector(tiny_model_dir):
+def test_engine_config_turns_off_conflicts_and_names_the_connector(tiny_model_dir, monkeypatch):
+    from vllm_kvzap import engine_setup
+
+    warnings = []
+    monkeypatch.setattr(engine_setup.logger, "warning", lambda msg, *a: warnings.append(msg % a))
     args = _engine_args(tiny_model_dir, window=8)
     config = args.create_engine_config()
+    assert len(warnings) == 1  # one warning naming everything that was switched off
+    assert "prefix caching" in warnings[0] and "enforce_eager" in warnings[0]
     assert config.cache_config.enable_prefix_caching is False
     assert config.model_config.enforce_eager
     assert config.kv_transfer_config.kv_connector == "KVzapPruningConnector"

@@ -35,7 +35,7 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
         errors.append("prefix caching (drop --enable-prefix-caching / enable_prefix_caching=True)")
     elif args.enable_prefix_caching is None:
         args.enable_prefix_caching = False
-        changed.append("prefix caching")
+        changed.append("prefix caching (it assumes every token stays in the KV cache)")
     if args.speculative_config:
         errors.append("speculative decoding (drop --speculative-config)")
     if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
@@ -53,18 +53,13 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
     if not args.enforce_eager:
         # The scoring hooks run in Python between layers; torch.compile would defer them.
         args.enforce_eager = True
-        changed.append("torch.compile and CUDA graphs (enforce_eager=True)")
+        changed.append("torch.compile and CUDA graphs (enforce_eager: the scoring hooks run eagerly)")
     if pruning.paged and args.async_scheduling is None:
         # the block manager sizes each step from the previous step's page counts
         args.async_scheduling = False
     args.kv_transfer_config = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both")
     if changed:
-        logger.warning(
-            "KV pruning (%s) is on: turned off %s, which assume(s) every token stays resident "
-            "in the KV cache or defer the scoring hooks.",
-            pruning.method,
-            " and ".join(changed),
-        )
+        logger.warning("KV pruning (%s) is on: turned off %s.", pruning.method, "; ".join(changed))
 
 
 def finish_vllm_config(vllm_config, pruning: KVPruningConfig) -> None:
