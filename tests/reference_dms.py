@@ -317,6 +317,16 @@ def forward_dense_logits(model_dir, ids) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _random_uniform(seed: int, layer: int, position: int, head: int) -> float:
+    """The random baseline's draw, written out with Python integers (32-bit arithmetic)."""
+    m32 = 0xFFFFFFFF
+    x = (position * 1_000_003 + head * 10_007 + layer * 101 + seed) & m32
+    x = (x * 2654435761) & m32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & m32
+    x ^= x >> 16
+    return x / 2**32
+
+
 def dms_generate(
     model_dir,
     surrogate_dir,
@@ -325,15 +335,25 @@ def dms_generate(
     threshold: float,
     window: int,
     eos_token_id=None,
+    method: str = "kvzap",
+    sinks: int = 4,
+    seed: int = 0,
 ) -> dict:
     """Greedy generation under DMSPress(KVzapPress, threshold, sliding_window_size=window, decoding=True).
+
+    ``method`` other than "kvzap" scores with a baseline instead of the surrogate (``surrogate_dir`` is
+    then ignored): "window" (+inf for the first ``sinks`` positions, -inf after: StreamingLLM),
+    "knorm" (-||k|| of the cached key, as kvpress's KnormPress), "random" (-u, u a hash of
+    (seed, layer, position, head) in [0, 1), see ``_random_uniform``).
 
     ``eos_token_id`` may be an int or a collection of ints; generation stops after emitting one (the eos
     token is included in ``output_ids``, as in transformers' ``generate``).
     """
     m = load_model(model_dir)
-    sur = load_surrogate(surrogate_dir)
-    if (sur.input_dim, sur.output_dim, sur.n_modules) != (m.hidden, m.n_kv, m.n_layers):
+    if method not in ("kvzap", "window", "knorm", "random"):
+        raise ValueError(f"unknown method {method!r}")
+    sur = load_surrogate(surrogate_dir) if method == "kvzap" else None
+    if sur is not None and (sur.input_dim, sur.output_dim, sur.n_modules) != (m.hidden, m.n_kv, m.n_layers):
         raise ValueError(
             f"surrogate (input_dim={sur.input_dim}, output_dim={sur.output_dim}, n_modules={sur.n_modules}) "
             f"does not fit the model (hidden_size={m.hidden}, num_kv_heads={m.n_kv}, num_layers={m.n_layers})"
@@ -373,8 +393,19 @@ def dms_generate(
         kpos = torch.arange(end)
         for li, layer in enumerate(m.layers):
             x = m.rms_norm(h, layer.in_norm)
-            scores[li, n:end] = sur.score(li, x)
             q, k, v = m.qkv(layer, x, pos)
+            if method == "kvzap":
+                scores[li, n:end] = sur.score(li, x)
+            elif method == "knorm":
+                scores[li, n:end] = -k.norm(dim=-1)
+            elif method == "window":
+                big = torch.full((T, H_kv), float("inf"), dtype=_DTYPE)
+                scores[li, n:end] = torch.where((pos < sinks)[:, None], big, -big)
+            else:
+                scores[li, n:end] = torch.tensor(
+                    [[-_random_uniform(seed, li, int(p), hh) for hh in range(H_kv)] for p in pos],
+                    dtype=_DTYPE,
+                )
             k_cache[li, n:end], v_cache[li, n:end] = k, v
             # Masks from previous steps only: decisions of this step are taken after attention.
             att = m.attend(q, k_cache[li, :end], v_cache[li, :end], pos, kpos, pruned[li, :, :end])

@@ -32,6 +32,8 @@ FLAG_TO_KEY = {
     "kv_pruning_surrogate": "surrogate",
     "kv_pruning_stats": "stats_path",
     "kv_pruning_mode": "mode",
+    "kv_pruning_sinks": "sinks",
+    "kv_pruning_seed": "seed",
 }
 
 
@@ -62,7 +64,8 @@ def add_kv_pruning_args(parser: argparse.ArgumentParser) -> None:
         "--kv-pruning",
         choices=METHODS,
         default=None,
-        help="Pruning method: kvzap-mlp, kvzap-linear, or none (default: none).",
+        help="Pruning method: kvzap-mlp, kvzap-linear, the baselines window (sinks + recent "
+        "window), knorm (largest key norms pruned), random, or none (default: none).",
     )
     group.add_argument(
         "--kv-pruning-threshold",
@@ -89,6 +92,18 @@ def add_kv_pruning_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="paged (default): pruned pairs give their KV memory back, so more requests fit; "
         "mask: pruned pairs are only hidden from attention (same decisions, no memory saved).",
+    )
+    group.add_argument(
+        "--kv-pruning-sinks",
+        type=int,
+        default=None,
+        help="window method: the first N tokens are kept as attention sinks (default: 4).",
+    )
+    group.add_argument(
+        "--kv-pruning-seed",
+        type=int,
+        default=None,
+        help="random method: seed of the per-(layer, position, head) draws (default: 0).",
     )
     group.add_argument(
         "--kv-pruning-stats",

@@ -16,13 +16,18 @@ ADDITIONAL_CONFIG_KEY = "kv_pruning"
 
 # method -> surrogate kind; "none" switches pruning off.
 KVZAP_METHODS = {"kvzap-mlp": "mlp", "kvzap-linear": "linear"}
-METHODS = ("none", *KVZAP_METHODS)
+# baselines scored without a surrogate (scorers/baselines.py), applied by the same DMS machinery
+BASELINE_METHODS = ("window", "knorm", "random")
+METHODS = ("none", *KVZAP_METHODS, *BASELINE_METHODS)
+# options that only one method reads
+METHOD_OPTIONS = {"sinks": ("window",), "seed": ("random",)}
 
 # "paged": pruned pairs stop occupying KV memory; "mask": they are only hidden from attention.
 MODES = ("paged", "mask")
 
 DEFAULT_THRESHOLD = -4.0
 DEFAULT_WINDOW = 128
+DEFAULT_SINKS = 4
 
 
 class KVPruningConfigError(ValueError):
@@ -37,6 +42,8 @@ class KVPruningConfig:
     surrogate: str | None = None
     stats_path: str | None = None
     mode: str = "paged"
+    sinks: int = DEFAULT_SINKS
+    seed: int = 0
 
     @property
     def paged(self) -> bool:
@@ -45,6 +52,10 @@ class KVPruningConfig:
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    @property
+    def uses_surrogate(self) -> bool:
+        return self.method in KVZAP_METHODS
 
     @property
     def surrogate_kind(self) -> str:
@@ -58,7 +69,11 @@ class KVPruningConfig:
         return f"nvidia/KVzap-{self.surrogate_kind}-{basename}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        options = asdict(self)
+        for option, methods in METHOD_OPTIONS.items():
+            if self.method not in methods:
+                del options[option]
+        return options
 
     @classmethod
     def from_dict(cls, options: Any) -> KVPruningConfig:
@@ -82,6 +97,16 @@ class KVPruningConfig:
             raise KVPruningConfigError(
                 f"unknown kv_pruning method {method!r}; choose one of {list(METHODS)}"
             )
+        for option, methods in METHOD_OPTIONS.items():
+            if option in options and method not in methods:
+                raise KVPruningConfigError(
+                    f"kv_pruning option {option!r} applies to method(s) {list(methods)} only, "
+                    f"not {method!r}"
+                )
+        if options.get("surrogate") and method in BASELINE_METHODS:
+            raise KVPruningConfigError(
+                f"kv_pruning method {method!r} uses no surrogate; drop the surrogate option"
+            )
         mode = options.get("mode", "paged")
         if mode not in MODES:
             raise KVPruningConfigError(
@@ -94,6 +119,8 @@ class KVPruningConfig:
             window=_parse_window(options.get("window", DEFAULT_WINDOW)),
             surrogate=_parse_optional_str("surrogate", options.get("surrogate")),
             stats_path=_parse_optional_str("stats_path", options.get("stats_path")),
+            sinks=_parse_count("sinks", options.get("sinks", DEFAULT_SINKS)),
+            seed=_parse_count("seed", options.get("seed", 0)),
         )
 
     @classmethod
@@ -121,19 +148,23 @@ def _parse_threshold(value: Any) -> float:
 
 
 def _parse_window(value: Any) -> int:
+    return _parse_count("window", value)
+
+
+def _parse_count(name: str, value: Any) -> int:
     if isinstance(value, bool):
-        raise KVPruningConfigError(f"kv_pruning window must be an integer >= 0, got {value!r}")
+        raise KVPruningConfigError(f"kv_pruning {name} must be an integer >= 0, got {value!r}")
     try:
-        window = int(value)
-        if window != float(value):
+        count = int(value)
+        if count != float(value):
             raise ValueError
     except (TypeError, ValueError):
         raise KVPruningConfigError(
-            f"kv_pruning window must be an integer >= 0, got {value!r}"
+            f"kv_pruning {name} must be an integer >= 0, got {value!r}"
         ) from None
-    if window < 0:
-        raise KVPruningConfigError(f"kv_pruning window must be >= 0, got {window}")
-    return window
+    if count < 0:
+        raise KVPruningConfigError(f"kv_pruning {name} must be >= 0, got {count}")
+    return count
 
 
 def _parse_optional_str(name: str, value: Any) -> str | None:

@@ -8,6 +8,8 @@ checks the surrogate checkpoint against the served model and records the resolve
 
 from __future__ import annotations
 
+import dataclasses
+
 from vllm.config import KVTransferConfig
 from vllm.logger import init_logger
 
@@ -66,6 +68,12 @@ def finish_vllm_config(vllm_config, pruning: KVPruningConfig) -> None:
     from vllm_kvzap.scorers import load_surrogate, resolve_checkpoint_dir
 
     model_config = vllm_config.model_config
+    if not pruning.uses_surrogate:
+        logger.info(
+            "KV pruning: %s baseline (%s mode), threshold %g, window %d",
+            pruning.method, pruning.mode, pruning.threshold, pruning.window,
+        )  # fmt: skip
+        return
     surrogate_id = pruning.resolve_surrogate(model_config.model)
     surrogate_dir = resolve_checkpoint_dir(surrogate_id)
     surrogate = load_surrogate(surrogate_dir)
@@ -80,14 +88,7 @@ def finish_vllm_config(vllm_config, pruning: KVPruningConfig) -> None:
             f"kv_pruning method {pruning.method!r} needs a {pruning.surrogate_kind} surrogate, "
             f"but {surrogate_id} is {surrogate.kind} (hidden_dim={surrogate.config.hidden_dim})"
         )
-    resolved = KVPruningConfig(
-        method=pruning.method,
-        threshold=pruning.threshold,
-        window=pruning.window,
-        surrogate=str(surrogate_dir),
-        stats_path=pruning.stats_path,
-        mode=pruning.mode,
-    )
+    resolved = dataclasses.replace(pruning, surrogate=str(surrogate_dir))
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = resolved.to_dict()
     logger.info(
         "KV pruning: %s (%s mode), threshold %g, window %d, surrogate %s",

@@ -145,7 +145,7 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         runtime = get_runtime()
         n = attn_metadata.num_actual_tokens
         if self.pruning.paged:
-            keep = runtime.pending_keep.pop(self.layer_idx)
+            keep = runtime.keep_flags(self.layer_idx, key[:n])
             runtime.paged.forward_layer(
                 self.layer_idx,
                 attn_metadata.rows,
@@ -161,7 +161,7 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         keep_cache = runtime.keep_cache(
             self.layer_idx, num_blocks * block_size, num_kv_heads, kv_cache.device
         )
-        keep = runtime.pending_keep.pop(self.layer_idx)
+        keep = runtime.keep_flags(self.layer_idx, key[:n])
         keep_cache[attn_metadata.slot_mapping[:n].long()] = keep[:n]
         key_cache, value_cache = _split_kv_cache(kv_cache)
         paged_attention_masked_torch(

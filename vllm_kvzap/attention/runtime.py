@@ -2,7 +2,8 @@
 
 Data flow inside one forward pass, per decoder layer `l`:
 1. a forward pre-hook on `layers.{l}.self_attn` scores its input hidden states `[T, D]` with the
-   surrogate and stores keep flags `[T, H_kv]` (score >= threshold) in `pending_keep[l]`;
+   surrogate (or a baseline, `scorers/baselines.py`; knorm is scored from the keys in step 2) and
+   stores keep flags `[T, H_kv]` (score >= threshold) in `pending_keep[l]`;
 2. the attention backend of layer `l` scatters those flags into `keep_caches[l]`, indexed like the
    paged KV cache (one row per slot), then attends with them once a token has left the window.
 A slot's flag is fixed when its KV pair is written; whether it is applied depends only on the
@@ -18,15 +19,19 @@ from torch import nn
 from vllm_kvzap.attention.paged import PagedKV
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.scorers import Surrogate, load_surrogate
+from vllm_kvzap.scorers.baselines import knorm_scores, random_scores, window_scores
 
 _runtime: PruningRuntime | None = None
 
 
 class PruningRuntime:
-    def __init__(self, config: KVPruningConfig, surrogate: Surrogate, num_layers: int):
+    def __init__(
+        self, config: KVPruningConfig, surrogate: Surrogate | None, num_layers: int, num_kv_heads: int
+    ):
         self.config = config
         self.surrogate = surrogate
         self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
         self.pending_keep: dict[int, torch.Tensor] = {}
         self.keep_caches: dict[int, torch.Tensor] = {}  # mask mode
         self.paged: PagedKV | None = None  # paged mode
@@ -38,9 +43,25 @@ class PruningRuntime:
         assert [i for i, _ in by_layer] == list(range(self.num_layers)), sorted(kv_caches)
         self.paged = PagedKV([t for _, t in by_layer], self.num_layers, self.config.window)
 
-    def score(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
-        _, keep = self.surrogate.score_and_decide(hidden_states, layer_idx, self.config.threshold)
+    def score(self, layer_idx: int, hidden_states: torch.Tensor, positions: torch.Tensor) -> None:
+        """Scoring hook, before a layer's attention: keep flags for the step's tokens."""
+        method, threshold = self.config.method, self.config.threshold
+        if self.surrogate is not None:
+            _, keep = self.surrogate.score_and_decide(hidden_states, layer_idx, threshold)
+        elif method == "window":
+            keep = window_scores(positions, self.num_kv_heads, self.config.sinks) >= threshold
+        elif method == "random":
+            scores = random_scores(positions, layer_idx, self.num_kv_heads, self.config.seed)
+            keep = scores >= threshold
+        else:
+            return  # knorm: scored from the keys, in `keep_flags`
         self.pending_keep[layer_idx] = keep
+
+    def keep_flags(self, layer_idx: int, key: torch.Tensor) -> torch.Tensor:
+        """Keep flags [T, H_kv] of the step's tokens in this layer (key: [T, H_kv, D])."""
+        if self.config.method == "knorm":
+            return knorm_scores(key) >= self.config.threshold
+        return self.pending_keep.pop(layer_idx)
 
     def keep_cache(self, layer_idx: int, num_slots: int, num_kv_heads: int, device) -> torch.Tensor:
         cache = self.keep_caches.get(layer_idx)
@@ -93,14 +114,16 @@ def install_runtime(model: nn.Module, vllm_config, config: KVPruningConfig) -> P
             f"{type(model).__name__}; this model architecture is not supported"
         )
     device = next(model.parameters()).device
-    surrogate = load_surrogate(config.surrogate).to(device)
-    runtime = PruningRuntime(config, surrogate, num_layers=len(modules))
+    surrogate = load_surrogate(config.surrogate).to(device) if config.uses_surrogate else None
+    num_kv_heads = vllm_config.model_config.get_total_num_kv_heads()
+    runtime = PruningRuntime(config, surrogate, len(modules), num_kv_heads)
 
     for layer_idx, module in modules.items():
 
         def hook(module, args, kwargs, layer_idx=layer_idx):
+            positions = kwargs["positions"] if "positions" in kwargs else args[0]
             hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
-            runtime.score(layer_idx, hidden_states)
+            runtime.score(layer_idx, hidden_states, positions[: hidden_states.shape[0]])
 
         module.register_forward_pre_hook(hook, with_kwargs=True)
     _runtime = runtime

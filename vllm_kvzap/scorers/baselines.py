@@ -1,0 +1,52 @@
+"""Baseline pruning methods, scored like KVzap so that the same DMS machinery applies them.
+
+Every method maps the tokens of one step to scores `[T, H_kv]`; a pair is pruned when its score is
+strictly below the threshold once it leaves the window, exactly as for `kvzap-*`:
+- `window` (StreamingLLM): the first `sinks` positions score +inf, every other one -inf, so only the
+  attention sinks and the recent window survive (the threshold does not matter);
+- `knorm` (kvpress's KnormPress): score = -||k|| of the cached key (after the key norm and RoPE,
+  which preserves norms), so the largest keys go first;
+- `random`: score = -u with u uniform in [0, 1), a fixed hash of (seed, layer, position, KV head),
+  so that the threshold -q prunes a fraction q of the judged pairs, reproducibly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MULT = 2654435761  # Knuth's multiplicative hash constant
+_MASK = 2**32 - 1
+
+
+def window_scores(positions: torch.Tensor, num_kv_heads: int, sinks: int) -> torch.Tensor:
+    keep = (positions < sinks)[:, None].expand(-1, num_kv_heads)
+    inf = torch.tensor(float("inf"), device=positions.device)
+    return torch.where(keep, inf, -inf)
+
+
+def knorm_scores(keys: torch.Tensor) -> torch.Tensor:
+    """keys [T, H_kv, D] -> -||k|| [T, H_kv] (float32)."""
+    return -keys.float().norm(dim=-1)
+
+
+def random_uniform(
+    positions: torch.Tensor, layer_idx: int, num_kv_heads: int, seed: int
+) -> torch.Tensor:
+    """u in [0, 1) [T, H_kv]: a hash of (seed, layer, position, head), independent of batching."""
+    heads = torch.arange(num_kv_heads, device=positions.device, dtype=torch.int64)
+    x = (
+        positions.to(torch.int64)[:, None] * 1_000_003
+        + heads[None, :] * 10_007
+        + layer_idx * 101
+        + seed
+    ) & _MASK
+    x = (x * _MULT) & _MASK
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK
+    x = x ^ (x >> 16)
+    return x.to(torch.float64).div(2**32).float()
+
+
+def random_scores(
+    positions: torch.Tensor, layer_idx: int, num_kv_heads: int, seed: int
+) -> torch.Tensor:
+    return -random_uniform(positions, layer_idx, num_kv_heads, seed)
