@@ -1,11 +1,15 @@
 """The plugin's KV connector: vLLM's official channel between scheduler and workers.
 
-It moves no KV data. Scheduler side: when a request finishes it records the request's blocks
-and token counts and ships them to the workers with the next step's connector metadata. Worker
-side: at bind time (before that step writes anything into the freed blocks) it counts the
-request's pruned pairs per layer from the keep caches and returns them with the step's output;
-the scheduler side then writes the statistics (`stats.py`). The engine runs one more (possibly
-empty) step after a request finishes, so every finished request is reported.
+It moves no KV data. Worker -> scheduler, after every step (`build_connector_worker_meta` ->
+`update_connector_output`): in paged mode each running request's page count and the most pages its
+next step may need, from which the block manager (`cache/manager.py`) sizes the request and gives
+surplus blocks back. Scheduler -> worker, with the next step's metadata: the requests that finished
+(their blocks, token counts and key) and, in paged mode, the keys of every request freed (finished
+or preempted). At bind time, before that step writes anything, the worker counts each finished
+request's pruned pairs per layer (from its pages, or in mask mode from the keep caches), releases
+the freed requests' pages, and returns the counts with the step's output; the scheduler side then
+writes the statistics (`stats.py`) and feeds the metrics (`metrics.py`). The engine runs one more
+(possibly empty) step after a request finishes, so every finished request is reported.
 """
 
 from __future__ import annotations

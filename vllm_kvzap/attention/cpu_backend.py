@@ -1,16 +1,19 @@
 """KVzap attention backend for vLLM's CPU platform (registered in place of CPU_ATTN).
 
-Without `kv_pruning` it is vLLM's CPU backend unchanged. With pruning on, per layer and step:
-- the metadata builder adds `judged_upto[i]`: positions of request `i` below it have been judged.
-  It is 0 while the request is still in its prompt (dense prefill, chunked or not) and
-  `num_computed_tokens - window` afterwards, i.e. exactly the tokens that left the window in
-  earlier steps (a token judged in this step is still seen by this step's queries);
-- the impl writes K/V itself in a plain layout (vLLM's CPU op packs keys per ISA), scatters the
-  step's keep flags (computed by the scoring hook, `runtime.py`) into the layer's keep cache by
-  slot, and attends with the masked paged attention of `kernels/`.
+Without `kv_pruning` it is vLLM's CPU backend unchanged. With pruning on, the step's keep flags
+come from the scoring hook (`runtime.py`), and:
+- paged mode (default): the metadata builder records each request's key (first block id), computed
+  tokens, query length and prefill state; the impl hands the layer's step to `paged.py`, which
+  writes K/V into the request's per-(layer, head) pages and attends over them. The backend's
+  `customize_spec` selects the plugin's block manager (`cache/`).
+- mask mode: the builder adds `judged_upto[i]` (0 while request `i` is in its prompt, chunked or
+  not, else `num_computed_tokens - window`: the tokens that left the window in earlier steps; a
+  token judged in this step is still seen by this step's queries); the impl writes K/V itself,
+  scatters the keep flags into a per-layer keep cache by slot and attends with
+  `kernels/paged_attention.py`, hiding judged pairs whose flag is unset.
 KV cache layout: vLLM's CPU shape `[num_blocks, H_kv, block_size, 2 * head_size]`, read as
 `[num_blocks, H_kv, 2 * block_size, head_size]`: keys in the first `block_size` rows of each
-(block, head), values in the rest, row-major. The keep cache is `[num_blocks * block_size, H_kv]`.
+(block, head), values in the rest, row-major (vLLM's own CPU op packs keys per ISA instead).
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from dataclasses import dataclass
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvzap.attention.paged import StepRows
 from vllm_kvzap.attention.runtime import get_runtime
@@ -107,10 +110,10 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         )
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        if self._prunes() and self.pruning.paged:
-            return  # paged mode writes K/V into the request's pages in `forward`
         if not self._prunes():
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self.pruning.paged:
+            return  # paged mode writes K/V into the request's pages in `forward`
         key_cache, value_cache = _split_kv_cache(kv_cache)
         block_size = key_cache.shape[2]
         n = min(slot_mapping.shape[0], key.shape[0])
