@@ -112,10 +112,17 @@ def paged_attention_heads_torch(
     bases = causal_base.tolist()
     la_all = len_a.to(device=dev, dtype=torch.long)
     lb_all = len_b.to(device=dev, dtype=torch.long)
+    decode_rows = [b for b in range(B) if qsl[b + 1] - qsl[b] == 1]
+    if len(decode_rows) > 1:
+        _decode_rows_torch(query, kv_pages, page_table, la_all, lb_all, qsl, causal_base,
+                           scale, out, decode_rows)  # fmt: skip
+        decode_rows = set(decode_rows)
+    else:
+        decode_rows = set()
     for b in range(B):
         q0, q1 = qsl[b], qsl[b + 1]
         q_len = q1 - q0
-        if q_len <= 0:
+        if q_len <= 0 or b in decode_rows:
             continue
         la, lb = la_all[b], lb_all[b]  # [H_kv]
         b_start = (la + BS - 1) // BS * BS  # first slot of segment B
@@ -150,6 +157,43 @@ def paged_attention_heads_torch(
         o = torch.matmul(p, v[:, None]) / torch.where(den > 0, den, 1.0)  # [H_kv, G, q, D]
         out[q0:q1] = o.permute(2, 0, 1, 3).reshape(q_len, H_q, D).to(device=out.device, dtype=out.dtype)
     return out
+
+
+def _decode_rows_torch(query, kv_pages, page_table, la_all, lb_all, qsl, causal_base, scale, out,
+                       rows):
+    """All one-query rows at once: the same math as the row loop, batched over rows."""
+    dev = kv_pages.device
+    H_q, D = query.shape[1], query.shape[2]
+    H_kv, BS = page_table.shape[1], kv_pages.shape[2]
+    G = H_q // H_kv
+    idx = torch.tensor(rows, device=dev)
+    tokens = torch.tensor([qsl[b] for b in rows], device=query.device)
+    la, lb = la_all[idx], lb_all[idx]  # [R, H_kv]
+    b_start = (la + BS - 1) // BS * BS
+    end = b_start + lb
+    n_slots = -(-int(torch.maximum(la, end).max()) // BS) * BS
+    if n_slots == 0:
+        out[tokens] = 0
+        return
+    j = torch.arange(n_slots, device=dev)
+    in_stream = (j < la[..., None]) | ((j >= b_start[..., None]) & (j < end[..., None]))
+    base = causal_base.to(dev)[idx]
+    visible = in_stream & (j[None, None, :] <= base[:, None, None])  # [R, H_kv, N]
+    n_pages = n_slots // BS
+    page_used = visible.view(len(rows), H_kv, n_pages, BS).any(-1)
+    pages = torch.where(page_used, page_table.to(dev)[idx, :, :n_pages].long(), 0)
+    kv = kv_pages[pages].float()  # [R, H_kv, n_pages, 2, BS, D]
+    k = torch.where(visible[..., None], kv[:, :, :, 0].reshape(len(rows), H_kv, n_slots, D), 0.0)
+    v = torch.where(visible[..., None], kv[:, :, :, 1].reshape(len(rows), H_kv, n_slots, D), 0.0)
+    q = query[tokens].to(dev).float().view(len(rows), H_kv, G, D)
+    logits = torch.einsum("rhgd,rhnd->rhgn", q, k) * scale
+    logits = logits.masked_fill(~visible[:, :, None, :], float("-inf"))
+    m = logits.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), 0.0, m)
+    p = torch.exp(logits - m)
+    den = p.sum(-1, keepdim=True)
+    o = torch.einsum("rhgn,rhnd->rhgd", p, v) / torch.where(den > 0, den, 1.0)
+    out[tokens] = o.reshape(len(rows), H_q, D).to(device=out.device, dtype=out.dtype)
 
 
 if HAS_TRITON:
