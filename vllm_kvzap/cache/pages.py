@@ -99,8 +99,9 @@ class LayerStreams:
     def next_step_pages(self) -> int:
         """Most pages this layer may hold during the next decoding step."""
         if self.dense:
-            # compaction can leave a partial survivor page and a partial ring page per stream
-            return self.num_pages() + self.num_heads
+            # compaction frees before it allocates; it can leave a partial survivor page and a
+            # partial ring page per stream, and the new token may need one more ring page
+            return self.num_pages() + 2 * self.num_heads
         extra = 0
         if self.num_tokens >= self.ring_size:  # a token moves to the survivors
             extra += int((self.surv_len % self.block_size == 0).sum())
@@ -147,29 +148,32 @@ class LayerStreams:
         kept = self.keep[:, :num_judged]
         self.pruned += (~kept).sum(dim=1)
         self.surv_len = kept.sum(dim=1)
+        ring_positions = positions[num_judged:]
+        # Copy what stays out of the pool first, so that compaction never holds more pages than
+        # the request already has (plus partial pages): the scheduler budgets exactly that.
+        survivors = [
+            kv_pages[src_page[h, :num_judged][kept[h]], :, src_off[h, :num_judged][kept[h]]]
+            for h in range(self.num_heads)
+        ]  # [n_surv, 2, D] per head (advanced indexing copies)
+        window = kv_pages[src_page[:, num_judged:], :, src_off[:, num_judged:]]  # [H, n_ring, 2, D]
+        pool.release(old_pages.reshape(-1))
+
         max_surv_pages = int((-(-self.surv_len // bs)).max()) if self.num_heads else 0
         self.pages = torch.full((self.num_heads, max_surv_pages), NO_PAGE, dtype=torch.long)
-        ring_positions = positions[num_judged:]
-        ring_slots = ring_positions % self.ring_size
         for h in range(self.num_heads):
             n_surv = int(self.surv_len[h])
             n_pages = -(-n_surv // bs)
             if n_pages:
                 self.pages[h, :n_pages] = pool.alloc(n_pages)
-                src = kept[h].nonzero().squeeze(1)
                 dst = torch.arange(n_surv)
-                kv_pages[self.pages[h, dst // bs], :, dst % bs] = kv_pages[
-                    src_page[h, src], :, src_off[h, src]
-                ]
-            ring_page_idx = torch.unique(ring_slots // bs)
-            for k in ring_page_idx.tolist():
-                self.ring_pages[h, k] = pool.alloc(1)[0]
-            if len(ring_positions):
-                kv_pages[self.ring_pages[h, ring_slots // bs], :, ring_slots % bs] = kv_pages[
-                    src_page[h, num_judged:], :, src_off[h, num_judged:]
-                ]
-                self.ring_keep[h, ring_slots] = self.keep[h, num_judged:]
-        pool.release(old_pages.reshape(-1))
+                kv_pages[self.pages[h, dst // bs], :, dst % bs] = survivors[h]
+        if len(ring_positions):
+            ring_slots = ring_positions % self.ring_size
+            for k in torch.unique(ring_slots // bs).tolist():
+                self.ring_pages[:, k] = pool.alloc(self.num_heads)
+            for h in range(self.num_heads):
+                kv_pages[self.ring_pages[h, ring_slots // bs], :, ring_slots % bs] = window[h]
+            self.ring_keep[:, ring_slots] = self.keep[:, num_judged:]
         self.keep = self.keep[:, :0]
         self.dense = False
 
