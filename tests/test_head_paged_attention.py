@@ -14,9 +14,6 @@ in-process via the ``interpret`` fixture, and once in a fresh process with TRITO
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.interpreter import run_in_triton_interpreter
+
 from vllm_kvzap.kernels import head_paged_attention as hpa
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NO_CAUSAL = 2**40
 BS = 16
 
@@ -299,12 +297,7 @@ def test_triton_interpreter_in_fresh_process() -> None:
         print("OK")
         """
     )
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
 def _offline_nvidia_compiler() -> str | None:

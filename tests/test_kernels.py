@@ -9,19 +9,16 @@ TRITON_INTERPRET=1 set before anything is imported (the standard way).
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.interpreter import run_in_triton_interpreter
 from torch import nn
 
 from vllm_kvzap.kernels import surrogate_score as ss
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NEG_INF = float("-inf")
 
 needs_triton = pytest.mark.skipif(not ss.HAS_TRITON, reason="triton not installed")
@@ -238,12 +235,7 @@ def test_triton_interpreter_in_fresh_process() -> None:
         print("OK")
         """
     )
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+    run_in_triton_interpreter(code)
 
 
 @needs_triton
