@@ -106,13 +106,9 @@ def run_config(args, paths, prompts, label: str, pruning: dict | None, stats_pat
     del llm, engine
     gc.collect()
     if pruning is not None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            lines = stats_path.read_text().splitlines() if stats_path.exists() else []
-            if len(lines) >= len(prompts):
-                break
-            time.sleep(0.2)
-        stats = [json.loads(line) for line in stats_path.read_text().splitlines()]
+        from vllm_kvzap.stats import wait_for_stats
+
+        stats = wait_for_stats(stats_path, len(prompts))
         n = len(stats)
         result.update(
             pruned_fraction=sum(s["pruned_fraction"] for s in stats) / n,

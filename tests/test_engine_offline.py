@@ -12,14 +12,12 @@ One engine at a time (module-scoped, shut down after generating): start-up costs
 from __future__ import annotations
 
 import gc
-import json
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.reference_dms import dms_generate
+from vllm_kvzap.stats import wait_for_stats
 
 WINDOW = 16
 MAX_TOKENS = 40
@@ -29,17 +27,6 @@ PROMPT_LENS = (9, 40, 150)  # shorter than the window, and longer
 def prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(10, 900, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
-def read_stats(path: Path, expected: int, timeout_s: float = 30.0) -> dict[str, dict]:
-    """Statistics are written one engine step after a request finishes: poll briefly."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= expected or time.monotonic() > deadline:
-            stats = [json.loads(line) for line in lines]
-            return {s["request_id"]: s for s in stats}
-        time.sleep(0.2)
 
 
 def run_engine(tiny, tmp_path_factory, pruning: dict | None, **engine_kwargs) -> dict:
@@ -62,7 +49,9 @@ def run_engine(tiny, tmp_path_factory, pruning: dict | None, **engine_kwargs) ->
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
-        stats = read_stats(stats_path, len(outs)) if pruning is not None else {}
+        stats = {}
+        if pruning is not None:
+            stats = {s["request_id"]: s for s in wait_for_stats(stats_path, len(outs))}
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm

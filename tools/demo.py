@@ -7,7 +7,6 @@ with KVzap pruning on, and print what was pruned (per request and per layer).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -33,16 +32,6 @@ def build_prompts(tokenizer, min_tokens: int) -> list[str]:
     return prompts
 
 
-def read_stats(path: Path, expected: int, timeout_s: float = 30.0) -> list[dict]:
-    """Statistics lines are written by the engine one step after a request finishes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= expected or time.monotonic() > deadline:
-            return [json.loads(line) for line in lines]
-        time.sleep(0.2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".cache/tiny", help="where the tiny model is built")
@@ -57,6 +46,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from tools.make_tiny_model import make_tiny_model
+    from vllm_kvzap.stats import wait_for_stats
 
     paths = make_tiny_model(Path(args.out))
     kind = args.method.removeprefix("kvzap-")
@@ -85,7 +75,7 @@ def main() -> None:
     start = time.perf_counter()
     outputs = llm.generate(prompts, sampling)
     elapsed = time.perf_counter() - start
-    stats = {s["request_id"]: s for s in read_stats(stats_path, len(prompts))}
+    stats = {s["request_id"]: s for s in wait_for_stats(stats_path, len(prompts))}
 
     print(f"\nKVzap pruning: {args.method}, threshold {args.threshold:g}, window {args.window}")
     print(f"{'request':>8} {'prompt':>7} {'output':>7} {'pruned':>7} {'KV KiB':>8} {'vLLM KiB':>9}"

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from vllm.logger import init_logger
 
@@ -31,6 +32,18 @@ class FinishedRequest:
     num_prompt_tokens: int
     num_output_tokens: int
     num_kv_tokens: int  # tokens whose KV was computed
+
+
+def wait_for_stats(path, expected: int, timeout_s: float = 30.0) -> list[dict]:
+    """Read a stats file once it holds `expected` lines (or at the timeout): lines are written
+    by the engine one step after each request finishes, so a caller may briefly be ahead."""
+    path = Path(path)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= expected or time.monotonic() > deadline:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.2)
 
 
 def request_stats(req: FinishedRequest, pruned_per_layer: list[int], num_kv_heads: int) -> dict:
