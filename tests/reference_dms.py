@@ -338,6 +338,7 @@ def dms_generate(
     method: str = "kvzap",
     sinks: int = 4,
     seed: int = 0,
+    forced_tokens: list[int] | None = None,
 ) -> dict:
     """Greedy generation under DMSPress(KVzapPress, threshold, sliding_window_size=window, decoding=True).
 
@@ -348,6 +349,9 @@ def dms_generate(
 
     ``eos_token_id`` may be an int or a collection of ints; generation stops after emitting one (the eos
     token is included in ``output_ids``, as in transformers' ``generate``).
+
+    ``forced_tokens[i]``, when given and not -1, replaces the greedy choice of output token ``i``
+    (questions asked during decoding; the -1 steps are the model's own answers).
     """
     m = load_model(model_dir)
     if method not in ("kvzap", "window", "knorm", "random"):
@@ -420,7 +424,11 @@ def dms_generate(
         n = end
         last = m.logits(h[-1:])[0].clone()
         step_logits.append(last)
-        tok = int(torch.argmax(last).item())
+        i = len(output_ids)
+        if forced_tokens is not None and i < len(forced_tokens) and forced_tokens[i] != -1:
+            tok = int(forced_tokens[i])
+        else:
+            tok = int(torch.argmax(last).item())
         output_ids.append(tok)
         if tok in eos or len(output_ids) >= max_new_tokens:
             break

@@ -1,7 +1,7 @@
 """Tests of the recall task generator (tools/recall_task.py) and of the committed recall model.
 
-The model check runs only when ``models/recall-qwen3/`` exists (it is produced by
-``python -m tools.train_recall_model``); it is skipped otherwise.
+The committed model (``models/recall-qwen3/``, produced by ``python -m tools.train_recall_model``)
+is checked against the task's own answers: unpruned held-out accuracy must stay >= 0.95.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tools.recall_task import (
     decode,
     make_example,
     query_prompt,
+    write_corpus,
 )
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "recall-qwen3"
@@ -106,7 +107,30 @@ def test_query_prompt():
         assert ex.ids[pos] == ex.answers[i]
 
 
-@pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), reason="no committed model")
+def test_corpus_and_repeat_format_locate_both_copies(tmp_path):
+    """The surrogate trainer's ``--repeat-format`` builds the model's own repeat prompt from the
+    corpus files: BOS context <repeat> context, with both copies found token for token."""
+    from tools.kvzip_targets import repeat_prompt
+
+    tok = build_tokenizer()
+    paths = write_corpus(tmp_path, 3, n_pairs=6, n_filler=5, seed_base=77)
+    fmt = "<|endoftext|> {context} <repeat> {context}"
+    for i, path in enumerate(paths):
+        context = make_example(77 + i, 6, 5).context_ids
+        ids, ctx, rep = repeat_prompt(tok, Path(path).read_text(), fmt)
+        ids = ids[0].tolist()
+        assert ids == [TOKEN_TO_ID["<|endoftext|>"], *context, TOKEN_TO_ID[REPEAT], *context]
+        assert ids[ctx] == context and ids[rep] == context
+
+
+@pytest.mark.parametrize("fmt", ["{context} <repeat>", "{context} {context} {context}", "x"])
+def test_repeat_format_needs_two_placeholders(fmt):
+    from tools.kvzip_targets import repeat_prompt
+
+    with pytest.raises(ValueError, match="exactly twice"):
+        repeat_prompt(build_tokenizer(), "k1 v2 ;", fmt)
+
+
 def test_committed_model_accuracy():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,6 +153,6 @@ def test_committed_model_accuracy():
         pred[b, p - 1].item() == e.ids[p] for b, e in enumerate(exs) for p in e.answer_positions
     ]
     acc = sum(hits) / len(hits)
-    assert acc > 0.9, acc
+    assert acc >= 0.95, acc
     info = json.loads((MODEL_DIR / "eval.json").read_text())
     assert info["answer_accuracy"] >= 0.95

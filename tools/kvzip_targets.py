@@ -48,14 +48,21 @@ SPLITS = ("train", "test")
 # --------------------------------------------------------------------------------------------------
 
 
-def repeat_prompt(tokenizer, text: str) -> tuple[torch.Tensor, slice, slice]:
+def repeat_prompt(
+    tokenizer, text: str, repeat_format: str | None = None
+) -> tuple[torch.Tensor, slice, slice]:
     """Token ids ``[1, T]`` of the repeat prompt, and the token slices of the context and its copy.
 
     A token belongs to a copy when its first character does (kvpress's offset rule). Models
     without a chat template get ``c + instruction + "\\n" + c`` (kvpress ``KVzipPress`` fallback).
+    ``repeat_format`` (a string with ``{context}`` twice, e.g. ``"<s> {context} <repeat>
+    {context}"``) replaces both, for models trained with their own repeat marker.
     """
     text = text.strip()
-    if getattr(tokenizer, "chat_template", None):
+    if repeat_format is not None:
+        check_repeat_format(repeat_format)
+        full = repeat_format.replace("{context}", text)
+    elif getattr(tokenizer, "chat_template", None):
         messages = [
             {"role": "user", "content": text + REPEAT_INSTRUCTION},
             {"role": "assistant", "content": text},
@@ -65,6 +72,9 @@ def repeat_prompt(tokenizer, text: str) -> tuple[torch.Tensor, slice, slice]:
         full = text + REPEAT_INSTRUCTION + "\n" + text
     a = full.find(text)
     b = full.find(text, a + len(text))
+    if repeat_format is not None:  # the copies sit where the two placeholders were
+        a = repeat_format.find("{context}")
+        b = repeat_format.find("{context}", a + 1) - len("{context}") + len(text)
     if a < 0 or b < 0:
         raise ValueError("the chat template altered the context; cannot locate both copies")
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -76,6 +86,13 @@ def repeat_prompt(tokenizer, text: str) -> tuple[torch.Tensor, slice, slice]:
     ctx = slice(first_at(a), first_at(a + len(text)))
     rep = slice(first_at(b), first_at(b + len(text)))
     return torch.tensor([enc["input_ids"]]), ctx, rep
+
+
+def check_repeat_format(repeat_format: str) -> None:
+    if repeat_format.count("{context}") != 2:
+        raise ValueError(
+            f"a repeat format needs '{{context}}' exactly twice, got {repeat_format!r}"
+        )
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu"):
@@ -237,6 +254,7 @@ def extract_targets(
     dtype: str = "auto",
     device: str = "cpu",
     model=None,
+    repeat_format: str | None = None,
 ) -> None:
     """Fill ``store`` with the shards it lacks; the model is loaded only if one is missing.
 
@@ -264,7 +282,7 @@ def extract_targets(
         ys: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
         pids, poss = [], []
         for p in group:
-            input_ids, ctx, rep = repeat_prompt(tokenizer, prompts[p].text)
+            input_ids, ctx, rep = repeat_prompt(tokenizer, prompts[p].text, repeat_format)
             x, y = kvzip_plus_targets(model, input_ids, ctx, rep, query_norm)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + p)
             keep = torch.randperm(ctx.stop - ctx.start, generator=gen)[:tokens_per_prompt].sort()[0]

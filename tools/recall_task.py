@@ -29,25 +29,26 @@ import random
 from dataclasses import dataclass, field
 
 __all__ = [
-    "N_KEYS",
-    "N_VALUES",
-    "N_NUMBERS",
-    "SPECIAL_TOKENS",
-    "VOCAB",
-    "TOKEN_TO_ID",
     "BOS",
-    "EOS",
-    "PAD",
-    "REPEAT",
-    "QUERY",
     "CHAT_TEMPLATE",
+    "EOS",
+    "N_KEYS",
+    "N_NUMBERS",
+    "N_VALUES",
+    "PAD",
+    "QUERY",
+    "REPEAT",
+    "SPECIAL_TOKENS",
+    "TOKEN_TO_ID",
+    "VOCAB",
     "Example",
+    "build_tokenizer",
+    "decode",
+    "encode",
     "make_context",
     "make_example",
     "query_prompt",
-    "encode",
-    "decode",
-    "build_tokenizer",
+    "write_corpus",
 ]
 
 N_KEYS = 64
@@ -229,7 +230,7 @@ def make_example(
 
 def query_prompt(example: Example, i: int) -> list[int]:
     """Prompt ids for asking query ``i`` alone: BOS context <query> ? key (the answer is next)."""
-    c0, c1 = example.context
+    c1 = example.context[1]
     return example.ids[:c1] + encode([QUERY, "?", example.query_keys[i]])
 
 
@@ -260,7 +261,43 @@ def build_tokenizer(model_max_length: int = 4096):
     )
 
 
+def write_corpus(out_dir, n: int, n_pairs: int, n_filler: int, seed_base: int) -> list[str]:
+    """Write ``n`` contexts (seeds ``seed_base..``) as text files, one per file: the ``--data`` of
+    ``tools.train_surrogate`` (use its ``--repeat-format`` with the ``<repeat>`` marker)."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ex = make_example(seed_base + i, n_pairs, n_filler)
+        path = out / f"context_{i:05d}.txt"
+        path.write_text(" ".join(decode(ex.context_ids)) + "\n")
+        paths.append(str(path))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tools.recall_task",
+                                 description="Print an example, or write a corpus of contexts.")
+    ap.add_argument("--corpus", default=None, help="write contexts as .txt files into this folder")
+    ap.add_argument("--n", type=int, default=600, help="contexts to write")
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--filler", type=int, default=16)
+    ap.add_argument("--seed-base", type=int, default=2_000_000_000,
+                    help="first seed (training and held-out evaluation seeds lie below)")
+    args = ap.parse_args(argv)
+    if args.corpus is None:
+        ex = make_example(0, n_pairs=4, n_filler=4, with_repeat=True)
+        print(f"vocab size {len(VOCAB)}; example ({len(ex.ids)} tokens):")
+        print(" ".join(decode(ex.ids)))
+        return 0
+    paths = write_corpus(args.corpus, args.n, args.pairs, args.filler, args.seed_base)
+    print(f"wrote {len(paths)} contexts to {args.corpus}")
+    return 0
+
+
 if __name__ == "__main__":
-    ex = make_example(0, n_pairs=4, n_filler=4, with_repeat=True)
-    print(f"vocab size {len(VOCAB)}; example ({len(ex.ids)} tokens):")
-    print(" ".join(decode(ex.ids)))
+    raise SystemExit(main())

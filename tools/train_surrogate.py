@@ -25,7 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tools.kvzip_targets import QUERY_NORMS, TargetStore, extract_targets
+from tools.kvzip_targets import (
+    QUERY_NORMS,
+    TargetStore,
+    check_repeat_format,
+    extract_targets,
+)
 from tools.surrogate_data import load_prompts, prompts_digest
 from tools.surrogate_fit import FitConfig, fit_surrogate
 from vllm_kvzap.scorers import save_checkpoint
@@ -84,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="attn_input",
         help="h_j of the KVzip+ normalisation: self-attention input (kvpress) or "
         "residual stream (decoder-layer input)",
+    )
+    g.add_argument(
+        "--repeat-format",
+        default=None,
+        help="repeat prompt with '{context}' twice, e.g. '<|endoftext|> {context} <repeat> "
+        "{context}' (default: the chat template, else kvpress's plain-text fallback)",
     )
     g.add_argument("--shard-size", type=int, default=8, help="prompts per target shard")
     g.add_argument(
@@ -176,7 +187,12 @@ def build_targets(args: argparse.Namespace) -> TargetStore:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if not getattr(tokenizer, "chat_template", None):
+    if args.repeat_format is not None:
+        try:
+            check_repeat_format(args.repeat_format)
+        except ValueError as e:
+            raise SystemExit(f"--repeat-format: {e}") from None
+    elif not getattr(tokenizer, "chat_template", None):
         print("note: the tokenizer has no chat template; repeat prompts use plain text")
     shape, x_bytes = _model_shape(args.model, args.dtype)
     prompts = load_prompts(
@@ -193,7 +209,7 @@ def build_targets(args: argparse.Namespace) -> TargetStore:
         "format": TARGETS_FORMAT, "model": _model_key(args.model), "dtype": args.dtype,
         "query_norm": args.query_norm, "min_tokens": args.min_tokens,
         "max_tokens": args.max_tokens, "tokens_per_prompt": args.tokens_per_prompt,
-        "seed": args.seed, "shard_size": args.shard_size, "prompts": n_split,
+        "seed": args.seed, "shard_size": args.shard_size, "repeat_format": args.repeat_format, "prompts": n_split,
         "prompts_digest": prompts_digest(prompts), **shape,
     }  # fmt: skip
     store = TargetStore(args.targets or args.out.with_name(args.out.name + "-targets"), meta)
@@ -207,6 +223,7 @@ def build_targets(args: argparse.Namespace) -> TargetStore:
     extract_targets(
         args.model, tokenizer, prompts, store, args.tokens_per_prompt, args.shard_size,
         args.seed, args.query_norm, args.dtype, args.device,
+        repeat_format=args.repeat_format,
     )  # fmt: skip
     return store
 

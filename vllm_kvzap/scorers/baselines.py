@@ -7,7 +7,8 @@ strictly below the threshold once it leaves the window, exactly as for `kvzap-*`
 - `knorm` (kvpress's KnormPress): score = -||k|| of the cached key (after the key norm and RoPE,
   which preserves norms), so the largest keys go first;
 - `random`: score = -u with u uniform in [0, 1), a fixed hash of (seed, layer, position, KV head),
-  so that the threshold -q prunes a fraction q of the judged pairs, reproducibly.
+  so that a threshold t in [-1, 0] prunes a fraction 1 + t of the judged pairs (-0.3 prunes 70%),
+  reproducibly.
 """
 
 from __future__ import annotations
