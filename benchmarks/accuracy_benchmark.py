@@ -84,13 +84,22 @@ def answer_hits(ex: Example, output_ids: list[int]) -> list[bool]:
 # --------------------------------------------------------------------------------------------------
 
 
-KINDS = ("sink", "fact", "filler", "punct")  # BOS; key/value tokens; filler words; ";" "." ...
+ROLES = ("sink", "key", "value", "filler", "punct")  # BOS; a fact's key / value token; the rest
+
+
+def token_roles(ex: Example) -> list[str]:
+    """Role of every prompt token of ``query_request(ex)``: BOS, context, ``<query>``."""
+    roles = []
+    for j, kind in enumerate(ex.kinds):  # a fact reads "k17 v42 ;": fact, fact, punct
+        first = kind == "fact" and (j == 0 or ex.kinds[j - 1] != "fact")
+        roles.append(("key" if first else "value") if kind == "fact" else kind)
+    return ["sink", *roles, "punct"]
 
 
 def collect_scores(model_dir: Path, examples: list[Example]) -> tuple[dict[str, torch.Tensor],
-                                                                       torch.Tensor]:
-    """Per method, the scores of every (prompt token, layer, KV head) of ``examples``' prompts,
-    and the matching token kind (index into ``KINDS``), flattened alike."""
+                                                                       list[str]]:
+    """Per method, the scores ``[layers, prompt tokens of all examples, KV heads]`` of ``examples``'
+    prompts (as the plugin computes them in a dense prefill), and each token's role."""
     from transformers import AutoModelForCausalLM
 
     from vllm_kvzap.scorers import load_surrogate
@@ -111,33 +120,38 @@ def collect_scores(model_dir: Path, examples: list[Example]) -> tuple[dict[str, 
         if (model_dir / k / "config.json").is_file()
     }  # fmt: skip
     scores: dict[str, list[torch.Tensor]] = {m: [] for m in (*surrogates, "knorm")}
-    kinds: list[torch.Tensor] = []
+    roles: list[str] = []
     try:
         with torch.no_grad():
             for ex in examples:
                 prompt, _ = query_request(ex)
                 model(input_ids=torch.tensor([prompt]), use_cache=False)
-                kind = [KINDS.index(k) for k in ["sink", *ex.kinds, "punct"]]
-                for i in range(len(layers)):
-                    per_layer = {n: s.score(inputs[i], i) for n, s in surrogates.items()}
-                    # k_norm's output [T, H_kv, D] is the key before RoPE, which keeps norms:
-                    # the plugin's knorm score is -||k||.
-                    k = keys[i].reshape(len(prompt), -1, keys[i].shape[-1])
-                    per_layer["knorm"] = -k.norm(dim=-1)
-                    for name, sc in per_layer.items():
-                        scores[name].append(sc.reshape(-1))
-                    heads = per_layer["knorm"].shape[1]
-                    kinds.append(torch.tensor(kind).repeat_interleave(heads))
+                roles += token_roles(ex)
+                for name, s in surrogates.items():
+                    scores[name].append(torch.stack([s.score(inputs[i], i)
+                                                     for i in range(len(layers))]))  # fmt: skip
+                # k_norm's output [T, H_kv, D] is the key before RoPE, which keeps norms: the
+                # plugin's knorm score is -||k||.
+                scores["knorm"].append(torch.stack([
+                    -keys[i].reshape(len(prompt), -1, keys[i].shape[-1]).norm(dim=-1)
+                    for i in range(len(layers))]))  # fmt: skip
     finally:
         for h in hooks:
             h.remove()
-    return {m: torch.cat(v) for m, v in scores.items()}, torch.cat(kinds)
+    return {m: torch.cat(v, dim=1) for m, v in scores.items()}, roles
 
 
-def pruned_by_kind(scores: torch.Tensor, kinds: torch.Tensor, threshold: float) -> dict:
-    """Share of each kind's prompt pairs scoring below ``threshold`` (offline, window ignored)."""
-    below = scores < threshold
-    return {k: round(below[kinds == i].float().mean().item(), 4) for i, k in enumerate(KINDS)}
+def pruned_by_role(scores: torch.Tensor, roles: list[str], threshold: float) -> dict:
+    """Per layer, the share of each role's prompt pairs scoring below ``threshold`` (offline: the
+    window is ignored)."""
+    below = scores < threshold  # [L, T, H]
+    out = {}
+    for layer in range(below.shape[0]):
+        out[f"layer {layer}"] = {
+            r: round(below[layer, [x == r for x in roles]].float().mean().item(), 3)
+            for r in ROLES if r in roles
+        }  # fmt: skip
+    return out
 
 
 def calibrate(method: str, fraction: float, scores, judged_share: float, total_len: float,
@@ -148,7 +162,7 @@ def calibrate(method: str, fraction: float, scores, judged_share: float, total_l
     q = min(0.999, fraction / judged_share)  # the window is never pruned
     if method == "random":  # score = -u, u uniform: threshold t prunes a fraction 1 + t
         return {"threshold": q - 1.0}
-    return {"threshold": float(torch.quantile(scores[method], q))}
+    return {"threshold": float(torch.quantile(scores[method].reshape(-1), q))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     judged_share = (total_len - args.window) / total_len
     print(f"{len(examples)} contexts, {args.pairs} pairs each, about {total_len:.0f} KV tokens per "
           f"request; calibrating on {len(calib)} other contexts")  # fmt: skip
-    scores, kinds = collect_scores(args.model, calib)
+    scores, roles = collect_scores(args.model, calib)
 
     stats_path = args.out / "accuracy_stats.jsonl"
     t0 = time.perf_counter()
@@ -314,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             if m.startswith("kvzap"):
                 pruning["surrogate"] = str(args.model / m)
             point = {"target": f, **opts, **run_point(args, examples, pruning, stats_path)}
-            if m in scores:  # why: which tokens a threshold method drops (calibration contexts)
-                point["offline_pruned_by_kind"] = pruned_by_kind(scores[m], kinds, opts["threshold"])
+            if m in scores:  # why: which pairs a threshold method drops (calibration contexts)
+                point["offline_pruned_by_role"] = pruned_by_role(scores[m], roles,
+                                                                 opts["threshold"])
             results["methods"][m].append(point)
             print(f"{m:>13} target {f:.2f}: pruned {point['pruned_fraction']:.3f} "
                   f"accuracy {point['accuracy']:.3f}  ({time.perf_counter() - t0:.0f} s)",

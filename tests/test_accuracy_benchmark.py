@@ -24,6 +24,7 @@ from benchmarks.accuracy_benchmark import (
     generate_answers,
     make_llm,
     query_request,
+    token_roles,
 )
 from tools.recall_task import QUERY, TOKEN_TO_ID, decode, make_example
 from vllm_kvzap.scorers.baselines import random_scores
@@ -46,6 +47,17 @@ def test_query_request_layout_and_answer_check():
     wrong[4 * 2 + 2] = TOKEN_TO_ID["v0"] if ex.answers[2] != TOKEN_TO_ID["v0"] else TOKEN_TO_ID["v1"]
     assert answer_hits(ex, wrong) == [i != 2 for i in range(len(ex.answers))]
     assert answer_hits(ex, truth[:5]) == [True] + [False] * (len(ex.answers) - 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_roles_name_keys_and_values(seed):
+    ex = make_example(seed, 8, 6)
+    prompt, _ = query_request(ex)
+    roles = token_roles(ex)
+    assert len(roles) == len(prompt) and roles[0] == "sink"
+    for tok, role in zip(decode(prompt), roles):
+        assert (role == "key") == (tok[0] == "k" and tok[1:].isdigit())
+        assert (role == "value") == (tok[0] == "v" and tok[1:].isdigit())
 
 
 def test_forced_tokens_processor():
@@ -92,7 +104,8 @@ def kvzap_run(tmp_path_factory):
     examples = [make_example(1_700_000_000 + i, 16, 16) for i in range(N_EXAMPLES)]
     from benchmarks.accuracy_benchmark import collect_scores
 
-    threshold = float(torch.quantile(collect_scores(MODEL_DIR, examples[:2])[0]["kvzap-mlp"], 0.5))
+    scores, _ = collect_scores(MODEL_DIR, examples[:2])
+    threshold = float(torch.quantile(scores["kvzap-mlp"].reshape(-1), 0.5))
     stats_path = tmp_path_factory.mktemp("acc") / "stats.jsonl"
     pruning = {"method": "kvzap-mlp", "threshold": threshold, "window": WINDOW,
                "surrogate": str(MODEL_DIR / "kvzap-mlp"), "stats_path": str(stats_path)}

@@ -131,6 +131,17 @@ def test_repeat_format_needs_two_placeholders(fmt):
         repeat_prompt(build_tokenizer(), "k1 v2 ;", fmt)
 
 
+def test_train_surrogate_rejects_a_bad_repeat_format(tmp_path):
+    from tools.train_surrogate import main
+
+    write_corpus(tmp_path / "corpus", 2, 4, 2, seed_base=5)
+    argv = ["--model", str(MODEL_DIR), "--data", str(tmp_path / "corpus"), "--kind", "mlp",
+            "--out", str(tmp_path / "out"), "--repeat-format", "<repeat> {context}"]
+    with pytest.raises(SystemExit, match="--repeat-format: .*exactly twice"):
+        main(argv)
+    assert not (tmp_path / "out-targets").exists()  # refused before any work
+
+
 def test_committed_model_accuracy():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -16,7 +16,7 @@ if [ ! -f "$RUN/model/model.safetensors" ]; then
   "$PY" -m tools.train_recall_model --out "$RUN"
 fi
 mkdir -p "$OUT"
-cp "$RUN"/model/* "$OUT"/
+cp "$RUN"/model/* "$RUN"/run.json "$OUT"/
 
 if [ ! -f "$CORPUS/context_00399.txt" ]; then
   "$PY" -m tools.recall_task --corpus "$CORPUS" --n 400

@@ -167,7 +167,8 @@ def plot_curve(curve: list[dict], path: Path) -> None:
         return
     ev = [c for c in curve if "acc" in c]
     fig, ax1 = plt.subplots(figsize=(8, 4.5))
-    ax1.plot([c["step"] for c in curve], [c["loss"] for c in curve], color="tab:blue", lw=0.8,
+    tr = [c for c in curve if "loss" in c]
+    ax1.plot([c["step"] for c in tr], [c["loss"] for c in tr], color="tab:blue", lw=0.8,
              label="train loss (answers)")
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss", color="tab:blue")
@@ -186,7 +187,7 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     for c in ev:
         if c.get("advanced"):
             ax2.axvline(c["step"], color="gray", lw=0.5, ls=":")
-    fig.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="center right", bbox_to_anchor=(0.9, 0.45), fontsize=8)
     ax1.set_title("recall-qwen3 training (dotted: curriculum stage advances)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -338,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
             mp, mf = STAGES[stage]
             ev = evaluate(model, mp, mf, args.eval_n)
             ev_final = ev if stage == len(STAGES) - 1 else evaluate(model, *STAGES[-1], 64)
-            entry = curve[-1] if curve and curve[-1]["step"] == step else {"step": step}
+            if not (curve and curve[-1]["step"] == step):
+                curve.append({"step": step, "stage": stage})
+            entry = curve[-1]
             entry.update(acc=round(ev["acc"], 4), acc_final=round(ev_final["acc"], 4))
             if stage == len(STAGES) - 1 and ev["acc"] >= args.target_acc:
                 rep = evaluate(model, *STAGES[-1], n=64, with_repeat=True)

@@ -209,9 +209,11 @@ def build_targets(args: argparse.Namespace) -> TargetStore:
         "format": TARGETS_FORMAT, "model": _model_key(args.model), "dtype": args.dtype,
         "query_norm": args.query_norm, "min_tokens": args.min_tokens,
         "max_tokens": args.max_tokens, "tokens_per_prompt": args.tokens_per_prompt,
-        "seed": args.seed, "shard_size": args.shard_size, "repeat_format": args.repeat_format, "prompts": n_split,
+        "seed": args.seed, "shard_size": args.shard_size, "prompts": n_split,
         "prompts_digest": prompts_digest(prompts), **shape,
     }  # fmt: skip
+    if args.repeat_format is not None:  # absent otherwise: stores made before the flag still fit
+        meta["repeat_format"] = args.repeat_format
     store = TargetStore(args.targets or args.out.with_name(args.out.name + "-targets"), meta)
     rows = len(prompts) * args.tokens_per_prompt
     size = rows * shape["num_layers"] * (shape["hidden_size"] * x_bytes + shape["num_kv_heads"] * 4)
