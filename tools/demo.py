@@ -100,6 +100,7 @@ def main() -> None:
     total_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     print(f"{total_out} tokens generated in {elapsed:.1f} s; statistics in {stats_path}")
     print(f"sample output: {outputs[0].outputs[0].text[:120]!r}")
+    llm.llm_engine.engine_core.shutdown()  # before exit, so the client sees an orderly shutdown
 
 
 if __name__ == "__main__":
