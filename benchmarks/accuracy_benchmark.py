@@ -213,13 +213,15 @@ def run_point(args, examples, pruning: dict | None, stats_path: Path) -> dict:
         stats_path.unlink(missing_ok=True)
         additional = {"kv_pruning": {**pruning, "stats_path": str(stats_path)}}
     llm = make_llm(args.model, examples, additional)
-    start = time.perf_counter()
-    outputs = generate_answers(llm, examples)
-    elapsed = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        outputs = generate_answers(llm, examples)
+        elapsed = time.perf_counter() - start
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
     hits = [answer_hits(ex, out) for ex, out in zip(examples, outputs)]
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
     n = sum(len(h) for h in hits)
     result = {"accuracy": sum(map(sum, hits)) / n, "answers": n, "generate_s": round(elapsed, 2),
               "pruned_fraction": 0.0}  # fmt: skip
