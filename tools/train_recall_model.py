@@ -252,7 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=MODEL_CONFIG["num_attention_heads"])
     args = ap.parse_args(argv)
     if args.stages:
-        STAGES[:] = [tuple(int(x) for x in st.split(":")) for st in args.stages.split(",")]
+        try:
+            stages = [tuple(int(x) for x in st.split(":")) for st in args.stages.split(",")]
+        except ValueError:
+            stages = []
+        if not stages or any(len(st) != 2 or st[0] < 1 or st[1] < 0 for st in stages):
+            ap.error(f"--stages {args.stages!r}: expected 'pairs:filler,...' such as '4:2,16:16'")
+        STAGES[:] = stages
 
     from transformers import Qwen3ForCausalLM
 
