@@ -70,11 +70,12 @@ def repeat_prompt(
         full = tokenizer.apply_chat_template(messages, tokenize=False)
     else:
         full = text + REPEAT_INSTRUCTION + "\n" + text
-    a = full.find(text)
-    b = full.find(text, a + len(text))
     if repeat_format is not None:  # the copies sit where the two placeholders were
         a = repeat_format.find("{context}")
         b = repeat_format.find("{context}", a + 1) - len("{context}") + len(text)
+    else:
+        a = full.find(text)
+        b = full.find(text, a + len(text))
     if a < 0 or b < 0:
         raise ValueError("the chat template altered the context; cannot locate both copies")
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
