@@ -42,7 +42,9 @@ __all__ = [
     "build_tokenizer",
     "capture_attention_inputs",
     "pruned_fraction",
+    "qwen3_config",
     "sample_text",
+    "save_hf_model",
 ]
 
 MODEL_SUBDIR = "model"
@@ -190,10 +192,12 @@ def build_tokenizer():
 # --------------------------------------------------------------------------------------------------
 
 
-def _qwen3_config(tokenizer):
+def qwen3_config(shape: dict, tokenizer):
+    """A float32 ``Qwen3Config`` of ``shape`` (a dict like ``TINY_CONFIG``) for ``tokenizer``
+    (its size and special tokens); shared with ``tools/train_recall_model.py``."""
     from transformers import Qwen3Config
 
-    cfg = dict(TINY_CONFIG)
+    cfg = dict(shape)
     rope_theta = cfg.pop("rope_theta")
     config = Qwen3Config(
         vocab_size=len(tokenizer),
@@ -209,6 +213,29 @@ def _qwen3_config(tokenizer):
     config.architectures = ["Qwen3ForCausalLM"]
     config.dtype = torch.float32
     return config
+
+
+def save_hf_model(model, tokenizer, out_dir: Path) -> None:
+    """Save ``model`` and ``tokenizer`` in Hugging Face format, loadable by transformers and vLLM
+    offline; generation stops at EOS or PAD. Shared with ``tools/train_recall_model.py``."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS_TOKEN),
+        eos_token_id=[
+            tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+            tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        ],
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    # save_jinja_files=False keeps the chat template inside tokenizer_config.json.
+    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
+    # transformers 5 writes its internal class name; the generic alias is understood more widely.
+    tok_cfg_path = Path(out_dir) / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 @torch.no_grad()
@@ -232,7 +259,7 @@ def _init_weights(model, gen: torch.Generator) -> None:
 def _build_model(tokenizer, seed: int):
     from transformers import Qwen3ForCausalLM
 
-    config = _qwen3_config(tokenizer)
+    config = qwen3_config(TINY_CONFIG, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)
@@ -390,29 +417,12 @@ def _is_complete(out: Path) -> bool:
 
 
 def _build(out: Path, seed: int, verbose: bool) -> dict:
-    from transformers import GenerationConfig
-
     from vllm_kvzap.scorers import save_checkpoint
 
     paths = _paths(out)
     tokenizer = build_tokenizer()
     model = _build_model(tokenizer, seed)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.convert_tokens_to_ids(BOS_TOKEN),
-        eos_token_id=[
-            tokenizer.convert_tokens_to_ids(EOS_TOKEN),
-            tokenizer.convert_tokens_to_ids(PAD_TOKEN),
-        ],
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
-    )
-    model.save_pretrained(paths["model"], safe_serialization=True)
-    # save_jinja_files=False keeps the chat template inside tokenizer_config.json.
-    tokenizer.save_pretrained(paths["model"], save_jinja_files=False)
-    # transformers 5 writes its internal class name; the generic alias is understood more widely.
-    tok_cfg_path = paths["model"] / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    save_hf_model(model, tokenizer, paths["model"])
 
     # Calibrate surrogates on the model's self-attention inputs for a few built-in texts, then
     # measure on held-out text.

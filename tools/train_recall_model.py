@@ -34,15 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tools.recall_task import (
-    BOS,
-    EOS,
-    PAD,
-    TOKEN_TO_ID,
-    VOCAB,
-    build_tokenizer,
-    make_example,
-)
+from tools.recall_task import PAD, TOKEN_TO_ID, build_tokenizer, make_example
 
 # (max pairs, max filler segments) per curriculum stage; the last one is the target length.
 # Starting at 2 pairs let the model settle on "not an already answered value" (75% at 2 pairs).
@@ -64,24 +56,9 @@ MODEL_CONFIG = dict(
 
 
 def qwen3_config(overrides: dict | None = None):
-    from transformers import Qwen3Config
+    from tools.make_tiny_model import qwen3_config as config_for
 
-    cfg = dict(MODEL_CONFIG, **(overrides or {}))
-    rope_theta = cfg.pop("rope_theta")
-    config = Qwen3Config(
-        vocab_size=len(VOCAB),
-        hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        attention_bias=False,
-        use_sliding_window=False,
-        bos_token_id=TOKEN_TO_ID[BOS],
-        eos_token_id=TOKEN_TO_ID[EOS],
-        pad_token_id=TOKEN_TO_ID[PAD],
-        **cfg,
-    )
-    config.architectures = ["Qwen3ForCausalLM"]
-    config.dtype = torch.float32
-    return config
+    return config_for(dict(MODEL_CONFIG, **(overrides or {})), build_tokenizer())
 
 
 def _train_seed(seed: int, step: int, i: int) -> int:
@@ -195,21 +172,11 @@ def plot_curve(curve: list[dict], path: Path) -> None:
 
 
 def save_hf(model, out_dir: Path) -> None:
-    from transformers import GenerationConfig
+    from tools.make_tiny_model import save_hf_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(model.config.max_position_embeddings)
-    model.generation_config = GenerationConfig(
-        bos_token_id=TOKEN_TO_ID[BOS],
-        eos_token_id=[TOKEN_TO_ID[EOS], TOKEN_TO_ID[PAD]],
-        pad_token_id=TOKEN_TO_ID[PAD],
-    )
-    model.to(torch.float32).save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
-    p = out_dir / "tokenizer_config.json"
-    cfg = json.loads(p.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    p.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    save_hf_model(model.to(torch.float32), build_tokenizer(model.config.max_position_embeddings),
+                  out_dir)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
