@@ -25,11 +25,18 @@ Semantics implemented (see /work/shared/DESIGN.md section 1 and kvpress ``dms_pr
   plus generated tokens except the last generated one (whose KV is never computed); the request's value is
   the mean over layers.
 
+Ratio mode (``ratio=R``, ``alpha=A``; ``threshold`` and ``window`` then not given): kvpress's
+``AdaKVPress(KVzapPress(...), alpha_safeguard=A)`` with ``compression_ratio=R`` instead. The prompt is
+attended densely; right after a layer's attention of the prompt step, that layer's pruned pairs are chosen
+over the whole prompt's scores ``[P, H_kv]`` by ``tests/reference_adakv.py`` (``layer_pruned_mask``) and
+masked from the next step on; generated tokens are never judged. Statistics as above, plus
+``prompt_pruned_fraction_per_layer`` / ``prompt_pruned_fraction`` (pruned pairs / (H_kv x P)).
+
 Public API:
 
 * ``dms_generate(model_dir, surrogate_dir, prompt_ids, max_new_tokens, threshold, window,
-  eos_token_id=None) -> dict`` with ``output_ids``, ``logits`` (one float32 ``[vocab]`` per generated
-  token), ``pruned_mask`` (per layer bool ``[H_kv, num_kv_tokens]``), ``pruned_fraction_per_layer``,
+  eos_token_id=None, ..., ratio=None, alpha=0.2) -> dict`` with ``output_ids``, ``logits`` (one float32
+  ``[vocab]`` per generated token), ``pruned_mask`` (per layer bool ``[H_kv, num_kv_tokens]``), ``pruned_fraction_per_layer``,
   ``pruned_fraction`` and, as extras, ``scores`` (per layer float32 ``[num_kv_tokens, H_kv]``, each token
   scored at the step it was written) and ``num_kv_tokens``.
 * ``forward_dense_logits(model_dir, ids) -> [T, vocab]`` float32: plain causal forward, no pruning.
@@ -45,6 +52,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+try:
+    from tests import reference_adakv as _adakv
+except ImportError:  # tests/ itself on sys.path
+    import reference_adakv as _adakv  # type: ignore[no-redef]
 
 __all__ = [
     "ReferenceQwen3",
@@ -332,13 +344,15 @@ def dms_generate(
     surrogate_dir,
     prompt_ids: list[int],
     max_new_tokens: int,
-    threshold: float,
-    window: int,
+    threshold: float | None = None,
+    window: int | None = None,
     eos_token_id=None,
     method: str = "kvzap",
     sinks: int = 4,
     seed: int = 0,
     forced_tokens: list[int] | None = None,
+    ratio: float | None = None,
+    alpha: float = 0.2,
 ) -> dict:
     """Greedy generation under DMSPress(KVzapPress, threshold, sliding_window_size=window, decoding=True).
 
@@ -352,6 +366,8 @@ def dms_generate(
 
     ``forced_tokens[i]``, when given and not -1, replaces the greedy choice of output token ``i``
     (questions asked during decoding; the -1 steps are the model's own answers).
+
+    ``ratio`` (with ``threshold`` and ``window`` left out): ratio mode, see the module docstring.
     """
     m = load_model(model_dir)
     if method not in ("kvzap", "window", "knorm", "random"):
@@ -367,6 +383,17 @@ def dms_generate(
         raise ValueError("empty prompt")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    if ratio is None:
+        if threshold is None or window is None:
+            raise ValueError("threshold and window are required (or give a ratio)")
+    else:
+        if threshold is not None or window is not None:
+            raise ValueError("a ratio excludes threshold and window")
+        if method == "window":
+            raise ValueError("ratio mode needs scores: not with method 'window'")
+        if not 0 <= ratio < 1 or not 0 <= alpha <= 1:
+            raise ValueError(f"need 0 <= ratio < 1 and 0 <= alpha <= 1, got {ratio}, {alpha}")
+        threshold, window = float("-inf"), 0  # unused below: no threshold judgement
     if window < 0:
         raise ValueError("window must be >= 0")
     if eos_token_id is None:
@@ -414,9 +441,14 @@ def dms_generate(
             # Masks from previous steps only: decisions of this step are taken after attention.
             att = m.attend(q, k_cache[li, :end], v_cache[li, :end], pos, kpos, pruned[li, :, :end])
             h = h + m.linear(att, layer.o_w, layer.o_b)
+            if ratio is not None:
+                # Ratio mode: the whole prompt judged once, at the end of the prompt step.
+                if n == 0:
+                    pruned[li, :, :end] = _adakv.layer_pruned_mask(scores[li, :end], ratio, alpha).t()
+                    n_judged[li] = end
             # Judge every not-yet-judged token that is older than the newest `window` tokens.
             limit = max(end - window, 0)
-            if limit > n_judged[li]:
+            if ratio is None and limit > n_judged[li]:
                 j0 = n_judged[li]
                 pruned[li, :, j0:limit] = (scores[li, j0:limit] < threshold).t()
                 n_judged[li] = limit
@@ -436,7 +468,7 @@ def dms_generate(
 
     mask = [pruned[li, :, :n].clone() for li in range(L)]
     per_layer = [float(mk.sum().item()) / (H_kv * n) for mk in mask]
-    return {
+    result = {
         "output_ids": output_ids,
         "logits": step_logits,
         "pruned_mask": mask,
@@ -445,3 +477,9 @@ def dms_generate(
         "scores": [scores[li, :n].clone() for li in range(L)],
         "num_kv_tokens": n,
     }
+    if ratio is not None:
+        P = len(prompt_ids)
+        prompt_per_layer = [float(mk.sum().item()) / (H_kv * P) for mk in mask]
+        result["prompt_pruned_fraction_per_layer"] = prompt_per_layer
+        result["prompt_pruned_fraction"] = sum(prompt_per_layer) / L
+    return result

@@ -128,9 +128,9 @@ def test_engine_config_turns_off_conflicts_and_names_the_connector(tiny_model_di
     args = _engine_args(tiny_model_dir, window=8)
     config = args.create_engine_config()
     assert len(warnings) == 1  # one warning naming everything that was switched off
-    assert "prefix caching" in warnings[0] and "enforce_eager" in warnings[0]
+    assert "prefix caching" in warnings[0] and "enforce_eager" not in warnings[0]
     assert config.cache_config.enable_prefix_caching is False
-    assert config.model_config.enforce_eager
+    assert not config.model_config.enforce_eager  # scoring is a custom op in the compiled graph
     assert config.kv_transfer_config.kv_connector == "KVzapPruningConnector"
     resolved = KVPruningConfig.from_additional_config(config.additional_config)
     assert resolved.window == 8 and resolved.surrogate == str(tiny_model_dir["mlp"])
@@ -211,3 +211,170 @@ def test_kind_mismatch_is_refused(tiny_model_dir):
     args = _engine_args(tiny_model_dir, method="kvzap-linear", surrogate=str(tiny_model_dir["mlp"]))
     with pytest.raises(KVPruningConfigError, match="needs a linear surrogate"):
         args.create_engine_config()
+
+
+# --------------------------------------------------------------------------------------------------
+# Target-ratio mode (issue 13): `ratio` / `alpha`
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ratio_mode_options():
+    c = KVPruningConfig.from_dict({"method": "kvzap-mlp", "ratio": 0.5})
+    assert c.ratio_mode and c.rule == "ratio"
+    assert (c.ratio, c.alpha) == (0.5, 0.2)
+    # effective threshold-mode values: no pair pruned by its score alone, the whole prompt judged
+    assert (c.threshold, c.window) == (-math.inf, 0)
+    assert c.rule_settings() == {"rule": "ratio", "ratio": 0.5, "alpha": 0.2}
+    assert c.describe_rule() == "ratio 0.5, alpha 0.2 (prompt only)"
+    t = KVPruningConfig.from_dict({"method": "kvzap-mlp"})
+    assert not t.ratio_mode and t.rule == "threshold" and t.ratio is None
+    assert t.rule_settings() == {"rule": "threshold", "threshold": -4.0, "window": 128}
+    assert t.describe_rule() == "threshold -4, window 128"
+    assert KVPruningConfig().rule == "none" and not KVPruningConfig().ratio_mode
+    for method in ("kvzap-linear", "knorm", "random"):
+        c = KVPruningConfig.from_dict({"method": method, "ratio": "0.25", "alpha": 0})
+        assert c.ratio_mode and (c.ratio, c.alpha) == (0.25, 0.0)
+    assert KVPruningConfig.from_dict({"method": "kvzap-mlp", "ratio": 0, "alpha": 1}).ratio == 0.0
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"method": "kvzap-mlp", "ratio": 0.5, "threshold": -4}, "cannot be combined with threshold"),
+        ({"method": "kvzap-mlp", "ratio": 0.5, "window": 128}, "cannot be combined with window"),
+        ({"method": "kvzap-mlp", "ratio": 0.5, "window": 0, "threshold": -3},
+         "cannot be combined with threshold and window"),
+        ({"method": "kvzap-mlp", "alpha": 0.3}, "add a ratio"),
+        ({"method": "kvzap-mlp", "threshold": -4, "alpha": 0.3}, "add a ratio"),
+        ({"method": "kvzap-mlp", "ratio": 1.0}, "0 <= ratio < 1"),
+        ({"method": "kvzap-mlp", "ratio": -0.1}, "0 <= ratio < 1"),
+        ({"method": "kvzap-mlp", "ratio": float("nan")}, "0 <= ratio < 1"),
+        ({"method": "kvzap-mlp", "ratio": True}, "ratio must be a number"),
+        ({"method": "kvzap-mlp", "ratio": "half"}, "ratio must be a number"),
+        ({"method": "kvzap-mlp", "ratio": 0.5, "alpha": 1.5}, "0 <= alpha <= 1"),
+        ({"method": "kvzap-mlp", "ratio": 0.5, "alpha": -0.2}, "0 <= alpha <= 1"),
+        ({"method": "kvzap-mlp", "ratio": 0.5, "alpha": None}, "alpha must be a number"),
+        ({"method": "window", "ratio": 0.5}, "option 'ratio' applies to method(s)"),
+        ({"method": "none", "ratio": 0.5}, "option 'ratio' applies to method(s)"),
+        ({"ratio": 0.5}, "option 'ratio' applies to method(s)"),
+    ],
+)  # fmt: skip
+def test_bad_ratio_options_are_refused(options, needle):
+    with pytest.raises(KVPruningConfigError) as e:
+        KVPruningConfig.from_dict(options)
+    assert needle in str(e.value)
+
+
+def test_ratio_given_as_none_means_threshold_mode():
+    c = KVPruningConfig.from_dict({"method": "kvzap-mlp", "ratio": None, "threshold": -5})
+    assert not c.ratio_mode and c.threshold == -5.0
+
+
+def test_direct_construction_in_ratio_mode():
+    c = KVPruningConfig(method="kvzap-mlp", ratio=0.3)
+    assert (c.threshold, c.window, c.alpha) == (-math.inf, 0, 0.2)
+    with pytest.raises(KVPruningConfigError, match="cannot be combined"):
+        KVPruningConfig(method="kvzap-mlp", ratio=0.3, window=16)
+    with pytest.raises(KVPruningConfigError, match="applies to method"):
+        KVPruningConfig(method="window", ratio=0.3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"method": "kvzap-mlp"},
+        {"method": "kvzap-mlp", "threshold": "-inf", "window": 0, "mode": "mask"},
+        {"method": "kvzap-linear", "threshold": -7, "window": 64, "surrogate": "s", "stats_path": "p"},
+        {"method": "window", "window": 32, "sinks": 2},
+        {"method": "random", "threshold": -0.3, "seed": 5},
+        {"method": "kvzap-mlp", "ratio": 0.5},
+        {"method": "kvzap-linear", "ratio": 0.0, "alpha": 1.0, "surrogate": "s", "mode": "mask"},
+        {"method": "knorm", "ratio": 0.9, "alpha": 0.0},
+        {"method": "random", "ratio": 0.7, "seed": 3, "stats_path": "x.jsonl"},
+    ],
+)
+def test_to_dict_round_trips(options):
+    """Every process re-parses the dict: from_dict(to_dict(c)) == c, also through JSON."""
+    c = KVPruningConfig.from_dict(options)
+    d = c.to_dict()
+    assert KVPruningConfig.from_dict(d) == c
+    assert KVPruningConfig.from_dict(json.loads(json.dumps(d))) == c
+    assert ("ratio" in d) == c.ratio_mode and ("alpha" in d) == c.ratio_mode
+    assert ("threshold" in d) != c.ratio_mode and ("window" in d) != c.ratio_mode
+
+
+def test_cli_ratio_flags_reach_additional_config():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = _parser().parse_args(
+        ["--model", "m", "--kv-pruning", "kvzap-mlp", "--kv-pruning-ratio", "0.6",
+         "--kv-pruning-alpha", "0.1"]
+    )  # fmt: skip
+    options = AsyncEngineArgs.from_cli_args(args).additional_config["kv_pruning"]
+    assert options == {"method": "kvzap-mlp", "ratio": 0.6, "alpha": 0.1}
+    assert KVPruningConfig.from_dict(options) == KVPruningConfig(
+        method="kvzap-mlp", ratio=0.6, alpha=0.1
+    )
+    args = _parser().parse_args(["--model", "m", "--kv-pruning", "knorm", "--kv-pruning-ratio", "0.5"])
+    c = KVPruningConfig.from_dict(AsyncEngineArgs.from_cli_args(args).additional_config["kv_pruning"])
+    assert (c.method, c.ratio, c.alpha) == ("knorm", 0.5, 0.2)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--kv-pruning-ratio", "0.5", "--kv-pruning-threshold", "-4"], "cannot be combined with threshold"),
+        (["--kv-pruning-ratio", "0.5", "--kv-pruning-window", "128"], "cannot be combined with window"),
+        (["--kv-pruning-alpha", "0.5"], "add a ratio"),
+    ],
+)
+def test_cli_ratio_conflicts_are_errors(argv, needle):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = _parser().parse_args(["--model", "m", "--kv-pruning", "kvzap-mlp", *argv])
+    with pytest.raises(KVPruningConfigError, match=needle):
+        AsyncEngineArgs.from_cli_args(args)
+
+
+def test_cli_ratio_conflicts_with_additional_config_threshold():
+    """A threshold given through additional_config and a ratio on the command line are both given."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = _parser().parse_args(
+        ["--model", "m", "--additional-config", json.dumps({"kv_pruning": {"threshold": -5}}),
+         "--kv-pruning", "kvzap-mlp", "--kv-pruning-ratio", "0.5"]
+    )  # fmt: skip
+    with pytest.raises(KVPruningConfigError, match="cannot be combined with threshold"):
+        AsyncEngineArgs.from_cli_args(args)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--kv-pruning", "kvzap-mlp", "--kv-pruning-ratio", "1"],
+        ["--kv-pruning", "kvzap-mlp", "--kv-pruning-ratio", "abc"],
+        ["--kv-pruning", "kvzap-mlp", "--kv-pruning-ratio", "0.5", "--kv-pruning-alpha", "2"],
+    ],
+)
+def test_cli_rejects_bad_ratio_values(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["--model", "m", *argv])
+    assert e.value.code == 2
+    assert "--kv-pruning" in capsys.readouterr().err
+
+
+def test_cli_ratio_without_method_is_an_error():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = _parser().parse_args(["--model", "m", "--kv-pruning-ratio", "0.5"])
+    with pytest.raises(KVPruningConfigError, match="--kv-pruning-ratio given but pruning is off"):
+        AsyncEngineArgs.from_cli_args(args)
+
+
+def test_engine_config_keeps_the_ratio(tiny_model_dir):
+    config = _engine_args(tiny_model_dir, ratio=0.4, alpha=0.3).create_engine_config()
+    resolved = KVPruningConfig.from_additional_config(config.additional_config)
+    assert resolved.ratio_mode and (resolved.ratio, resolved.alpha) == (0.4, 0.3)
+    assert (resolved.threshold, resolved.window) == (-math.inf, 0)
+    assert resolved.surrogate == str(tiny_model_dir["mlp"])

@@ -74,20 +74,24 @@ def pools(llm):
     from vllm_kvzap.attention.runtime import get_runtime
 
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    return scheduler.kv_cache_manager.block_pool, get_runtime().paged
+    return scheduler.kv_cache_manager.block_pool, get_runtime().pages
+
+
+def live_requests(pages) -> int:
+    return int((pages.key_of_slot >= 0).sum())
 
 
 def expected_end_pages(ref: dict, prompt_len: int) -> int:
-    """Pages a finished request holds, from the reference's masks and the page layout rule."""
+    """Pages a finished request holds, from the reference's masks and the page layout rule:
+    each (layer, head) row holds exactly the pairs its last step's query saw (the window, the
+    token leaving it, the kept older ones), in ceil(that / block_size) pages."""
     n = ref["num_kv_tokens"]
-    ring = WINDOW
-    ring_positions = range(max(0, prompt_len - WINDOW), n)
-    ring_pages = len({(p % ring) // BLOCK_SIZE for p in ring_positions})
+    last = n - 1  # position of the last token written
+    positions = torch.arange(n)
     total = 0
-    for mask in ref["pruned_mask"]:  # [H, n] per layer
-        judged = max(0, n - WINDOW)
-        survivors = judged - mask.sum(dim=1)
-        total += int((-(-survivors // BLOCK_SIZE)).sum()) + ring_pages * mask.shape[0]
+    for mask in ref["pruned_mask"]:  # [H, n] per layer, True = pruned
+        seen = (positions >= last - WINDOW) | ~mask
+        total += int((-(-seen.sum(dim=1) // BLOCK_SIZE)).sum())
     return total
 
 
@@ -97,7 +101,7 @@ def run(engine, tiny_model_dir):
 
     llm, stats_path = engine
     block_pool, paged = pools(llm)
-    free_blocks, free_pages = block_pool.get_num_free_blocks(), paged.pool.num_free
+    free_blocks, free_pages = block_pool.get_num_free_blocks(), paged.num_free
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
     drain(llm)
@@ -109,8 +113,8 @@ def run(engine, tiny_model_dir):
         "outs": outs,
         "stats": stats,
         "free_before": (free_blocks, free_pages),
-        "free_after": (block_pool.get_num_free_blocks(), paged.pool.num_free),
-        "live_requests": len(paged.requests),
+        "free_after": (block_pool.get_num_free_blocks(), paged.num_free),
+        "live_requests": live_requests(paged),
     }
 
 
@@ -149,7 +153,7 @@ def test_preemption_recomputes_and_frees_everything(engine):
 
     llm, _ = engine
     block_pool, paged = pools(llm)
-    before = (block_pool.get_num_free_blocks(), paged.pool.num_free)
+    before = (block_pool.get_num_free_blocks(), paged.num_free)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     preemptions = []
     orig = scheduler._preempt_request
@@ -169,8 +173,8 @@ def test_preemption_recomputes_and_frees_everything(engine):
         scheduler._preempt_request = orig
     assert all(len(o.outputs[0].token_ids) == 200 for o in outs)
     assert preemptions, "the workload was meant to preempt; shrink the budget"
-    assert (block_pool.get_num_free_blocks(), paged.pool.num_free) == before
-    assert not paged.requests
+    assert (block_pool.get_num_free_blocks(), paged.num_free) == before
+    assert live_requests(paged) == 0
 
 
 def test_aborted_requests_free_everything(engine):
@@ -178,19 +182,19 @@ def test_aborted_requests_free_everything(engine):
 
     llm, _ = engine
     block_pool, paged = pools(llm)
-    before = (block_pool.get_num_free_blocks(), paged.pool.num_free)
+    before = (block_pool.get_num_free_blocks(), paged.num_free)
     engine_ = llm.llm_engine
     params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
     for i, n in enumerate((60, 150, 90)):
         engine_.add_request(f"abort-{i}", {"prompt_token_ids": list(range(10, 10 + n))}, params)
     for _ in range(8):  # prompts done, a few decoding steps: pages are compacted and in use
         engine_.step()
-    assert paged.requests and paged.pool.num_free < before[1]
+    assert live_requests(paged) and paged.num_free < before[1]
     engine_.abort_request(["abort-0", "abort-2"])
     finished = []
     while engine_.has_unfinished_requests():
         finished += [o.request_id for o in engine_.step() if o.finished]
     drain(llm)
     assert finished == ["abort-1"]
-    assert (block_pool.get_num_free_blocks(), paged.pool.num_free) == before
-    assert not paged.requests
+    assert (block_pool.get_num_free_blocks(), paged.num_free) == before
+    assert live_requests(paged) == 0

@@ -457,3 +457,79 @@ def test_threshold_is_strict(tiny):
     assert torch.equal(res["scores"][1], s)
     assert not res["pruned_mask"][1][1, 4]
     assert torch.equal(res["pruned_mask"][1], (s < thr).t())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ratio mode (AdaKVPress): the prompt judged once at its end by tests/reference_adakv.py
+# --------------------------------------------------------------------------------------------------------
+
+try:
+    from tests import reference_adakv as ref_adakv
+except ImportError:  # tests/ itself on sys.path
+    import reference_adakv as ref_adakv  # type: ignore[no-redef]
+
+
+@pytest.mark.parametrize("kind,ratio,alpha", [("mlp", 0.5, 0.2), ("linear", 0.75, 0.0), ("mlp", 0.6, 1.0)])
+def test_ratio_mode_masks_the_adakv_pairs_of_the_prompt(tiny, kind, ratio, alpha):
+    ids = _prompt(14, seed=21)
+    P, new = len(ids), 8
+    res = ref.dms_generate(tiny["model"], tiny[kind], ids, max_new_tokens=new, ratio=ratio, alpha=alpha)
+    N = res["num_kv_tokens"]
+    assert N == P + new - 1
+    masks = res["pruned_mask"]
+    n_kept, _ = ref_adakv.counts(P, ratio, alpha)
+    sur = _TorchSurrogate(tiny[kind])
+    with torch.no_grad():
+        hf = _hf(tiny["model"])
+        out = hf(torch.tensor([ids]), output_hidden_states=True)
+    for li in range(N_LAYERS):
+        # scores of the dense prompt (transformers), and the AdaKV rule's pairs on them
+        dense = sur(li, hf.model.layers[li].input_layernorm(out.hidden_states[li])[0])
+        torch.testing.assert_close(res["scores"][li][:P], dense, atol=1e-4, rtol=1e-4)
+        want = ref_adakv.layer_pruned_mask(res["scores"][li][:P], ratio, alpha).t()
+        assert torch.equal(masks[li][:, :P], want)
+        assert not masks[li][:, P:].any()  # generated tokens are never pruned
+        assert int(masks[li].sum()) == N_KV * (P - n_kept)
+        assert res["prompt_pruned_fraction_per_layer"][li] == pytest.approx((P - n_kept) / P)
+        assert res["pruned_fraction_per_layer"][li] == pytest.approx(N_KV * (P - n_kept) / (N_KV * N))
+    if alpha == 1.0:
+        assert all((~mk[:, :P]).sum(1).eq(n_kept).all() for mk in masks)
+    # The prefill is dense; every later step sees the prompt minus the pruned pairs: a transformers run
+    # masking exactly these pairs from the first generated token on gives the same logits and tokens.
+    torch.testing.assert_close(res["logits"][0], out.logits[0, -1], atol=1e-4, rtol=1e-4)
+    seq = ids + res["output_ids"][:-1]
+    logits, _ = _hf_masked_run(tiny["model"], seq, _rule_allowed(masks, P, 0, N), _group_head_map())
+    for i, got in enumerate(res["logits"]):
+        torch.testing.assert_close(got, logits[P - 1 + i], atol=1e-4, rtol=1e-4)
+    assert res["output_ids"] == logits[P - 1 :].argmax(-1).tolist()
+    dense_logits = ref.forward_dense_logits(tiny["model"], seq)[P - 1 :]
+    assert (torch.stack(res["logits"]) - dense_logits).abs().max() > 1e-3  # the pruning is visible
+
+
+def test_ratio_mode_zero_baselines_and_errors(tiny):
+    ids = _prompt(9, seed=22)
+    dense = ref.dms_generate(tiny["model"], tiny["mlp"], ids, max_new_tokens=4, threshold=float("-inf"), window=0)
+    zero = ref.dms_generate(tiny["model"], tiny["mlp"], ids, max_new_tokens=4, ratio=0.0)
+    assert zero["output_ids"] == dense["output_ids"] and zero["pruned_fraction"] == 0.0
+    # knorm in ratio mode: the rule over -||k|| of the prompt's keys
+    kn = ref.dms_generate(tiny["model"], None, ids, max_new_tokens=3, method="knorm", ratio=0.5, alpha=0.2)
+    for li, mk in enumerate(kn["pruned_mask"]):
+        assert torch.equal(mk[:, : len(ids)], ref_adakv.layer_pruned_mask(kn["scores"][li][: len(ids)], 0.5, 0.2).t())
+        assert not mk[:, len(ids) :].any()
+    with pytest.raises(ValueError, match="excludes threshold"):
+        ref.dms_generate(tiny["model"], tiny["mlp"], ids, max_new_tokens=2, threshold=-4.0, ratio=0.5)
+    with pytest.raises(ValueError, match="not with method 'window'"):
+        ref.dms_generate(tiny["model"], None, ids, max_new_tokens=2, method="window", ratio=0.5)
+    with pytest.raises(ValueError, match="required"):
+        ref.dms_generate(tiny["model"], tiny["mlp"], ids, max_new_tokens=2)
+
+
+def test_ratio_mode_on_the_plugin_tiny_model(tiny_model_dir):
+    """The same rule on the model the engine tests serve (tools/make_tiny_model.py)."""
+    ids = list(range(3, 40))
+    res = ref.dms_generate(tiny_model_dir["model"], tiny_model_dir["mlp"], ids, max_new_tokens=3, ratio=0.7)
+    P = len(ids)
+    n_kept, _ = ref_adakv.counts(P, 0.7, 0.2)
+    for li, mk in enumerate(res["pruned_mask"]):
+        assert torch.equal(mk[:, :P], ref_adakv.layer_pruned_mask(res["scores"][li][:P], 0.7, 0.2).t())
+        assert not mk[:, P:].any() and int(mk.sum()) == mk.shape[0] * (P - n_kept)

@@ -53,3 +53,49 @@ def test_connector_stats_sum_counters_and_keep_the_latest_gauges():
     assert summary["pruned fraction"] == 0.2
     assert summary["KV freed vs plain vLLM (MiB)"] == 3.0
     assert KVzapConnectorStats(data={}).is_empty() and not merged.is_empty()
+
+
+def test_lines_record_the_rule_and_its_parameters(tmp_path, monkeypatch):
+    from vllm_kvzap.config import KVPruningConfig
+
+    messages = []
+    monkeypatch.setattr(stats_mod.logger, "info", lambda msg, *a: messages.append(msg % a))
+    # threshold mode
+    path = tmp_path / "t.jsonl"
+    cfg = KVPruningConfig.from_dict({"method": "kvzap-mlp", "stats_path": str(path), "window": 16})
+    rec = StatsRecorder.from_config(cfg)
+    s = request_stats(finished(10), [5, 15], num_kv_heads=2)
+    rec.record(s, num_kv_heads=2)
+    line = json.loads(path.read_text())
+    assert {k: line[k] for k in s} == s  # the existing keys, unchanged
+    assert (line["method"], line["rule"], line["threshold"], line["window"]) == (
+        "kvzap-mlp", "threshold", -4.0, 16
+    )
+    assert "ratio" not in line and "prompt_pruned_fraction" not in line
+    assert "pruned_fraction" in s and "rule" not in s  # the caller's dict is not modified
+    rec.maybe_log(force=True)
+    assert messages[-1].startswith("KV pruning (kvzap-mlp): 1 requests finished")
+    # ratio mode: prompt of 7 tokens, 2 KV heads, 2 layers
+    path = tmp_path / "r.jsonl"
+    cfg = KVPruningConfig.from_dict(
+        {"method": "kvzap-linear", "stats_path": str(path), "ratio": 0.5, "alpha": 0.1}
+    )
+    rec = StatsRecorder.from_config(cfg)
+    rec.record(request_stats(finished(10), [8, 6], num_kv_heads=2), num_kv_heads=2)
+    line = json.loads(path.read_text())
+    assert (line["method"], line["rule"], line["ratio"], line["alpha"]) == (
+        "kvzap-linear", "ratio", 0.5, 0.1
+    )
+    assert "threshold" not in line and "window" not in line
+    assert line["pruned_fraction"] == (8 / 20 + 6 / 20) / 2  # over H_kv x num_kv_tokens, as before
+    assert line["prompt_pruned_fraction"] == (8 / 14 + 6 / 14) / 2  # over H_kv x prompt tokens
+    rec.maybe_log(force=True)
+    assert messages[-1].startswith("KV pruning (kvzap-linear, ratio 0.5): 1 requests finished")
+
+
+def test_recorder_without_settings_writes_the_counts_only(tmp_path):
+    path = tmp_path / "s.jsonl"
+    rec = StatsRecorder(str(path), "kvzap-mlp")
+    s = request_stats(finished(10), [5, 15], num_kv_heads=2)
+    rec.record(s, num_kv_heads=2)
+    assert json.loads(path.read_text()) == s

@@ -16,12 +16,15 @@ from typing import Any
 
 from vllm_kvzap.config import (
     ADDITIONAL_CONFIG_KEY,
+    DEFAULT_ALPHA,
     DEFAULT_THRESHOLD,
     DEFAULT_WINDOW,
     METHODS,
     MODES,
     KVPruningConfig,
     KVPruningConfigError,
+    parse_alpha,
+    parse_ratio,
 )
 
 # CLI flag -> key of the kv_pruning dict
@@ -34,6 +37,8 @@ FLAG_TO_KEY = {
     "kv_pruning_mode": "mode",
     "kv_pruning_sinks": "sinks",
     "kv_pruning_seed": "seed",
+    "kv_pruning_ratio": "ratio",
+    "kv_pruning_alpha": "alpha",
 }
 
 
@@ -51,13 +56,28 @@ def _window(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _ratio(text: str) -> float:
+    try:
+        return parse_ratio(text)
+    except KVPruningConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _alpha(text: str) -> float:
+    try:
+        return parse_alpha(text)
+    except KVPruningConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_kv_pruning_args(parser: argparse.ArgumentParser) -> None:
     if "--kv-pruning" in parser._option_string_actions:
         return
     group = parser.add_argument_group(
         title="KV pruning (vllm-kvzap)",
         description="KVzap KV-cache pruning: a per-layer surrogate scores every KV pair and pairs "
-        "scoring below the threshold are dropped once they leave the sliding window. "
+        "scoring below the threshold are dropped once they leave the sliding window; or, with "
+        "--kv-pruning-ratio, each layer drops a fixed share of the prompt's pairs at its end. "
         "Equivalent to additional_config={'kv_pruning': {...}}.",
     )
     group.add_argument(
@@ -79,6 +99,24 @@ def add_kv_pruning_args(parser: argparse.ArgumentParser) -> None:
         type=_window,
         default=None,
         help=f"The most recent N tokens are never pruned (default: {DEFAULT_WINDOW}).",
+    )
+    group.add_argument(
+        "--kv-pruning-ratio",
+        type=_ratio,
+        default=None,
+        metavar="R",
+        help="Ratio mode instead of a threshold (kvpress's AdaKVPress): at the end of the prompt "
+        "each layer prunes the share R (0 <= R < 1) of its prompt KV pairs with the lowest "
+        "scores, across KV heads jointly; generated tokens are never pruned. Excludes "
+        "--kv-pruning-threshold and --kv-pruning-window. kvzap-mlp, kvzap-linear, knorm, random.",
+    )
+    group.add_argument(
+        "--kv-pruning-alpha",
+        type=_alpha,
+        default=None,
+        metavar="A",
+        help=f"Ratio mode: every KV head keeps at least the share A (0 <= A <= 1) of the layer's "
+        f"kept pairs, its best ones (default: {DEFAULT_ALPHA:g}).",
     )
     group.add_argument(
         "--kv-pruning-surrogate",

@@ -19,8 +19,18 @@ KVZAP_METHODS = {"kvzap-mlp": "mlp", "kvzap-linear": "linear"}
 # baselines scored without a surrogate (scorers/baselines.py), applied by the same DMS machinery
 BASELINE_METHODS = ("window", "knorm", "random")
 METHODS = ("none", *KVZAP_METHODS, *BASELINE_METHODS)
-# options that only one method reads
-METHOD_OPTIONS = {"sinks": ("window",), "seed": ("random",)}
+# methods whose scores the target-ratio rule (AdaKV, scorers/adakv.py) can rank; `window` has no
+# meaningful scores (+inf / -inf), so a ratio is refused for it
+RATIO_METHODS = (*KVZAP_METHODS, "knorm", "random")
+# options that only some methods read
+METHOD_OPTIONS = {
+    "sinks": ("window",),
+    "seed": ("random",),
+    "ratio": RATIO_METHODS,
+    "alpha": RATIO_METHODS,
+}
+# options of threshold mode, which a ratio excludes
+THRESHOLD_OPTIONS = ("threshold", "window")
 
 # "paged": pruned pairs stop occupying KV memory; "mask": they are only hidden from attention.
 MODES = ("paged", "mask")
@@ -28,6 +38,7 @@ MODES = ("paged", "mask")
 DEFAULT_THRESHOLD = -4.0
 DEFAULT_WINDOW = 128
 DEFAULT_SINKS = 4
+DEFAULT_ALPHA = 0.2
 
 
 class KVPruningConfigError(ValueError):
@@ -36,6 +47,17 @@ class KVPruningConfigError(ValueError):
 
 @dataclass(frozen=True)
 class KVPruningConfig:
+    """Resolved options.
+
+    Two decision rules. Threshold mode (the default, `ratio` None): kvpress's
+    `DMSPress(press, threshold, sliding_window_size=window)`. Ratio mode (`ratio` set): kvpress's
+    `AdaKVPress(press, alpha_safeguard=alpha)` with `compression_ratio=ratio`, decided once per
+    layer at the end of the prompt (scorers/adakv.py); nothing generated afterwards is pruned. In
+    ratio mode the fields hold the effective threshold-mode values, `threshold=-inf` (no pair is
+    pruned by its score alone) and `window=0` (the whole prompt is judged); `to_dict` leaves both
+    out.
+    """
+
     method: str = "none"
     threshold: float = DEFAULT_THRESHOLD
     window: int = DEFAULT_WINDOW
@@ -44,6 +66,48 @@ class KVPruningConfig:
     mode: str = "paged"
     sinks: int = DEFAULT_SINKS
     seed: int = 0
+    ratio: float | None = None
+    alpha: float = DEFAULT_ALPHA
+
+    def __post_init__(self):
+        if self.ratio is None:
+            return
+        if self.method not in RATIO_METHODS:
+            raise KVPruningConfigError(
+                f"kv_pruning option 'ratio' applies to method(s) {list(RATIO_METHODS)} only, "
+                f"not {self.method!r}"
+            )
+        if self.threshold not in (DEFAULT_THRESHOLD, -math.inf) or self.window not in (
+            DEFAULT_WINDOW,
+            0,
+        ):
+            raise KVPruningConfigError(_RATIO_EXCLUDES.format(given="threshold/window"))
+        object.__setattr__(self, "threshold", -math.inf)
+        object.__setattr__(self, "window", 0)
+
+    @property
+    def ratio_mode(self) -> bool:
+        """Target-ratio mode: AdaKV decisions at the end of the prompt, decoding never pruned."""
+        return self.enabled and self.ratio is not None
+
+    @property
+    def rule(self) -> str:
+        """The decision rule: "ratio" or "threshold" ("none" when pruning is off)."""
+        if not self.enabled:
+            return "none"
+        return "ratio" if self.ratio_mode else "threshold"
+
+    def rule_settings(self) -> dict[str, Any]:
+        """The rule and its parameters, as statistics lines record them."""
+        if self.ratio_mode:
+            return {"rule": "ratio", "ratio": self.ratio, "alpha": self.alpha}
+        return {"rule": self.rule, "threshold": self.threshold, "window": self.window}
+
+    def describe_rule(self) -> str:
+        """For logs: "ratio 0.5, alpha 0.2 (prompt only)" or "threshold -4, window 128"."""
+        if self.ratio_mode:
+            return f"ratio {self.ratio:g}, alpha {self.alpha:g} (prompt only)"
+        return f"threshold {self.threshold:g}, window {self.window}"
 
     @property
     def paged(self) -> bool:
@@ -72,6 +136,13 @@ class KVPruningConfig:
         options = asdict(self)
         for option, methods in METHOD_OPTIONS.items():
             if self.method not in methods:
+                del options[option]
+        # every process re-parses this dict: write only what from_dict accepts together
+        if self.ratio is None:
+            options.pop("ratio", None)
+            options.pop("alpha", None)
+        else:
+            for option in THRESHOLD_OPTIONS:
                 del options[option]
         return options
 
@@ -112,15 +183,36 @@ class KVPruningConfig:
             raise KVPruningConfigError(
                 f"unknown kv_pruning mode {mode!r}; choose one of {list(MODES)}"
             )
+        # "given" = the key is in the dict with a value other than None: the CLI only copies the
+        # flags that were typed, and to_dict leaves out what the other rule does not accept.
+        ratio = options.get("ratio")
+        if ratio is None:
+            if options.get("alpha") is not None:
+                raise KVPruningConfigError(
+                    "kv_pruning option 'alpha' (--kv-pruning-alpha) is the safeguard of ratio "
+                    "mode: add a ratio (--kv-pruning-ratio R), or drop alpha"
+                )
+            threshold = _parse_threshold(options.get("threshold", DEFAULT_THRESHOLD))
+            window = _parse_window(options.get("window", DEFAULT_WINDOW))
+            alpha = DEFAULT_ALPHA
+        else:
+            ratio = parse_ratio(ratio)
+            given = [o for o in THRESHOLD_OPTIONS if options.get(o) is not None]
+            if given:
+                raise KVPruningConfigError(_RATIO_EXCLUDES.format(given=" and ".join(given)))
+            alpha = parse_alpha(options.get("alpha", DEFAULT_ALPHA))
+            threshold, window = -math.inf, 0
         return cls(
             mode=mode,
             method=method,
-            threshold=_parse_threshold(options.get("threshold", DEFAULT_THRESHOLD)),
-            window=_parse_window(options.get("window", DEFAULT_WINDOW)),
+            threshold=threshold,
+            window=window,
             surrogate=_parse_optional_str("surrogate", options.get("surrogate")),
             stats_path=_parse_optional_str("stats_path", options.get("stats_path")),
             sinks=_parse_count("sinks", options.get("sinks", DEFAULT_SINKS)),
             seed=_parse_count("seed", options.get("seed", 0)),
+            ratio=ratio,
+            alpha=alpha,
         )
 
     @classmethod
@@ -145,6 +237,40 @@ def _parse_threshold(value: Any) -> float:
             f"kv_pruning threshold must be a finite number or -inf, got {value!r}"
         )
     return threshold
+
+
+_RATIO_EXCLUDES = (
+    "kv_pruning ratio (--kv-pruning-ratio) cannot be combined with {given} "
+    "(--kv-pruning-threshold / --kv-pruning-window): a ratio prunes a fixed share of each layer's "
+    "prompt at its end, with no threshold and no window; drop one or the other"
+)
+
+
+def _parse_fraction(name: str, value: Any, upper: float, upper_ok: bool, example: str) -> float:
+    bound = f"0 <= {name} {'<=' if upper_ok else '<'} {upper:g}"
+    if isinstance(value, bool):
+        raise KVPruningConfigError(
+            f"kv_pruning {name} must be a number with {bound}, got {value!r}"
+        )
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise KVPruningConfigError(
+            f"kv_pruning {name} must be a number with {bound} (e.g. {example}), got {value!r}"
+        ) from None
+    if not (0.0 <= number < upper or (upper_ok and number == upper)):  # NaN fails too
+        raise KVPruningConfigError(f"kv_pruning {name} must satisfy {bound}, got {value!r}")
+    return number
+
+
+def parse_ratio(value: Any) -> float:
+    """Compression ratio: the share of each layer's prompt KV pairs to prune, 0 <= R < 1."""
+    return _parse_fraction("ratio", value, 1.0, False, "0.5 prunes half of the prompt")
+
+
+def parse_alpha(value: Any) -> float:
+    """Safeguard: each KV head keeps at least this share of a layer's kept pairs, 0 <= A <= 1."""
+    return _parse_fraction("alpha", value, 1.0, True, "0.2")
 
 
 def _parse_window(value: Any) -> int:

@@ -74,7 +74,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         self._manager: KVzapBlockManager | None = None
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._recorder = (
-            StatsRecorder(self.pruning.stats_path, self.pruning.method)
+            StatsRecorder.from_config(self.pruning)
             if role == KVConnectorRole.SCHEDULER
             else None
         )
@@ -94,38 +94,31 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         from vllm_kvzap.attention.runtime import get_runtime
 
         runtime = get_runtime()
-        paged = runtime.paged if runtime is not None else None
+        pages = runtime.pages if runtime is not None else None
         for req in connector_metadata.finished:
             if runtime is None:
                 self._counts.append(FinishedCounts(req, []))
-            elif paged is None:
+            elif pages is None:
                 counts = runtime.count_pruned(
                     req.block_ids, req.num_kv_tokens, connector_metadata.block_size
                 )
                 self._counts.append(FinishedCounts(req, counts))
             else:
-                pages = paged.requests.get(req.key)
-                if pages is None:  # finished before any KV was computed
+                found = pages.finished_counts(req.key)
+                if found is None:  # finished before any KV was computed
                     self._counts.append(FinishedCounts(req, [0] * runtime.num_layers, 0, 0))
                     continue
-                counts = [layer.pruned_total() for layer in pages.layers]
-                self._counts.append(
-                    FinishedCounts(req, counts, pages.peak_pages, pages.num_pages())
-                )
-        if paged is not None:
-            for key in connector_metadata.freed_keys:
-                paged.release(key)
+                self._counts.append(FinishedCounts(req, *found))
+        if pages is not None:
+            pages.release_keys(connector_metadata.freed_keys)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         from vllm_kvzap.attention.runtime import get_runtime
 
         runtime = get_runtime()
         reports = {}
-        if runtime is not None and runtime.paged is not None:
-            reports = {
-                key: ResidentReport(req.num_pages(), req.next_step_pages(), req.layers[0].dense)
-                for key, req in runtime.paged.requests.items()
-            }
+        if runtime is not None and runtime.pages is not None:
+            reports = runtime.pages.reports()
         if not self._counts and not reports:
             return None
         meta, self._counts = KVzapWorkerMetadata(self._counts, reports), []

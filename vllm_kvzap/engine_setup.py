@@ -46,16 +46,19 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
         errors.append("a KV connector (--kv-transfer-config); the plugin uses its own")
     if args.kv_cache_dtype not in ("auto", None):
         errors.append(f"kv_cache_dtype={args.kv_cache_dtype!r} (use the model dtype)")
+    if pruning.ratio_mode and not pruning.paged:
+        errors.append("a ratio in mask mode (ratio mode runs in paged mode only)")
     if pruning.paged and args.async_scheduling:
         errors.append("async scheduling (drop --async-scheduling)")
     if errors:
         raise KVPruningConfigError(
             f"kv_pruning method {pruning.method!r} cannot be combined with: " + "; ".join(errors)
         )
-    if not args.enforce_eager:
-        # The scoring hooks run in Python between layers; torch.compile would defer them.
-        args.enforce_eager = True
-        changed.append("torch.compile and CUDA graphs (enforce_eager: the scoring hooks run eagerly)")
+    # torch.compile stays on: scoring is a custom op inside the graph (`attention/scoring_op.py`).
+    # On CPU vLLM compiles with DYNAMO_TRACE_ONCE (one inductor graph, no splitting, no CUDA
+    # graphs), so nothing else is needed; `splitting_ops` only matters for VLLM_COMPILE. A GPU
+    # port with piecewise CUDA graphs must add "vllm_kvzap::score" to `splitting_ops` (with the
+    # attention ops): its Python side effects cannot be replayed by a captured graph.
     if pruning.paged and args.async_scheduling is None:
         # the block manager sizes each step from the previous step's page counts
         args.async_scheduling = False
@@ -64,14 +67,28 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
         logger.warning("KV pruning (%s) is on: turned off %s.", pruning.method, "; ".join(changed))
 
 
+def default_block_size(head_size: int) -> int:
+    """Page size for paged mode when the user gives none: the smallest vLLM's CPU kernel takes.
+
+    A row's pages hold its kept pairs plus less than one page of spare slots, so the smallest page
+    serves memory best (`benchmarks/throughput_benchmark.py` measures it): 32 slots (`vec`), or 16
+    for head sizes that are not a multiple of 32 (vLLM's `vec16` kernel). vLLM's own CPU default
+    is 128.
+    """
+    return 16 if head_size % 32 else 32
+
+
 def finish_vllm_config(vllm_config, pruning: KVPruningConfig) -> None:
     from vllm_kvzap.scorers import load_surrogate, resolve_checkpoint_dir
 
     model_config = vllm_config.model_config
+    cache_config = vllm_config.cache_config
+    if pruning.paged and not cache_config.user_specified_block_size:
+        cache_config.block_size = default_block_size(model_config.get_head_size())
     if not pruning.uses_surrogate:
         logger.info(
-            "KV pruning: %s baseline (%s mode), threshold %g, window %d",
-            pruning.method, pruning.mode, pruning.threshold, pruning.window,
+            "KV pruning: %s baseline (%s mode), %s",
+            pruning.method, pruning.mode, pruning.describe_rule(),
         )  # fmt: skip
         return
     surrogate_id = pruning.resolve_surrogate(model_config.model)
@@ -91,10 +108,9 @@ def finish_vllm_config(vllm_config, pruning: KVPruningConfig) -> None:
     resolved = dataclasses.replace(pruning, surrogate=str(surrogate_dir))
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = resolved.to_dict()
     logger.info(
-        "KV pruning: %s (%s mode), threshold %g, window %d, surrogate %s",
+        "KV pruning: %s (%s mode), %s, surrogate %s",
         pruning.method,
         pruning.mode,
-        pruning.threshold,
-        pruning.window,
+        pruning.describe_rule(),
         surrogate_id,
     )

@@ -3,6 +3,12 @@
 Counts come from the workers (see `connector.py`): pruned pairs per layer of a finished request.
 A layer's pruned fraction is pruned pairs / (H_kv x tokens whose KV was computed), as kvpress
 reports it; the request's `pruned_fraction` is the mean over layers.
+
+Each line also records the decision rule (`StatsRecorder.from_config`): `method`, `rule`
+("threshold" or "ratio") and its parameters (`threshold` and `window`, or `ratio` and `alpha`); in
+ratio mode, where only the prompt is pruned, `prompt_pruned_fraction` = mean over layers of pruned
+pairs / (H_kv x prompt tokens), which is the ratio asked for up to rounding (`n_kept` is an
+integer).
 """
 
 from __future__ import annotations
@@ -13,8 +19,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
+
+if TYPE_CHECKING:
+    from vllm_kvzap.config import KVPruningConfig
 
 logger = init_logger(__name__)
 
@@ -62,9 +72,12 @@ def request_stats(req: FinishedRequest, pruned_per_layer: list[int], num_kv_head
 
 
 class StatsRecorder:
-    def __init__(self, stats_path: str | None, method: str):
+    def __init__(self, stats_path: str | None, method: str, settings: dict[str, Any] | None = None):
+        """`settings`: the rule and its parameters (`KVPruningConfig.rule_settings()`), added to
+        every line; without them lines carry the counts only."""
         self.stats_path = stats_path
         self.method = method
+        self.settings = dict(settings or {})
         self._lock = threading.Lock()
         self._num_requests = 0
         self._sum_fraction = 0.0
@@ -74,7 +87,24 @@ class StatsRecorder:
         if stats_path:
             os.makedirs(os.path.dirname(os.path.abspath(stats_path)), exist_ok=True)
 
+    @classmethod
+    def from_config(cls, config: KVPruningConfig) -> StatsRecorder:
+        return cls(config.stats_path, config.method, config.rule_settings())
+
+    def _describe(self) -> str:
+        if self.settings.get("rule") == "ratio":
+            return f"{self.method}, ratio {self.settings['ratio']:g}"
+        return self.method
+
     def record(self, stats: dict, num_kv_heads: int) -> None:
+        if self.settings:
+            stats = {**stats, "method": self.method, **self.settings}
+            if self.settings.get("rule") == "ratio":
+                pairs = num_kv_heads * stats["num_prompt_tokens"]
+                per_layer = [c / pairs if pairs else 0.0 for c in stats["pruned_pairs_per_layer"]]
+                stats["prompt_pruned_fraction"] = (
+                    sum(per_layer) / len(per_layer) if per_layer else 0.0
+                )
         with self._lock:
             if self.stats_path:
                 with open(self.stats_path, "a") as f:
@@ -94,7 +124,7 @@ class StatsRecorder:
         logger.info(
             "KV pruning (%s): %d requests finished, mean pruned fraction %.3f, "
             "%d of %d KV pairs pruned (%.1f%%)",
-            self.method,
+            self._describe(),
             self._num_requests,
             self._sum_fraction / self._num_requests,
             self._pruned,

@@ -3,9 +3,11 @@
 Without `kv_pruning` it is vLLM's CPU backend unchanged. With pruning on, the step's keep flags
 come from the scoring hook (`runtime.py`), and:
 - paged mode (default): the metadata builder records each request's key (first block id), computed
-  tokens, query length and prefill state; the impl hands the layer's step to `paged.py`, which
-  writes K/V into the request's per-(layer, head) pages and attends over them. The backend's
-  `customize_spec` selects the plugin's block manager (`cache/`).
+  tokens, query length and prefill state (`StepRows`); the first layer's attention has the page
+  table plan the step (`cache/page_table.py`), and every layer then writes its K/V and scores
+  into the rows' pages and attends in vLLM's own CPU kernel, one row per (request, KV head)
+  (`rows.py`). The backend's `customize_spec` selects the plugin's block manager (`cache/`).
+  vLLM's AMX page packing is not supported: with pruning the `vec` layout is used instead.
 - mask mode: the builder adds `judged_upto[i]` (0 while request `i` is in its prompt, chunked or
   not, else `num_computed_tokens - window`: the tokens that left the window in earlier steps; a
   token judged in this step is still seen by this step's queries); the impl writes K/V itself,
@@ -32,8 +34,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_kvzap.attention.paged import StepRows
+from vllm_kvzap.attention.rows import SUPPORTED_ISAS, attend_layer
 from vllm_kvzap.attention.runtime import get_runtime
+from vllm_kvzap.cache.page_table import StepRows
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.kernels.paged_attention import paged_attention_masked_torch
 
@@ -52,6 +55,15 @@ class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.pruning = _pruning_config(vllm_config)
+        if self.pruning.paged and self.isa not in SUPPORTED_ISAS:
+            if self.isa != "amx":
+                raise ValueError(
+                    f"kv_pruning paged mode supports vLLM's CPU attention ISAs "
+                    f"{list(SUPPORTED_ISAS)}, not {self.isa!r} (this CPU); use mode 'mask'"
+                )
+            # the page moves follow the `vec` page layout; vLLM's kernel reads it with any dtype
+            self.isa = "vec"
+            self._set_isa_to_layers(layer_names)
 
     def build(
         self,
@@ -73,11 +85,11 @@ class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         fields = {f: getattr(meta, f) for f in CPUAttentionMetadata.__dataclass_fields__}
         if self.pruning.paged:
             rows = StepRows(
-                keys=cm.block_table_tensor[:num_reqs, 0].tolist(),
-                num_computed=num_computed.tolist(),
-                query_lens=query_lens.tolist(),
-                is_prefilling=is_prefilling.tolist(),
-                query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1].clone(),
+                keys=cm.block_table_tensor[:num_reqs, 0].cpu().long(),
+                num_computed=num_computed.long(),
+                query_lens=query_lens.long(),
+                is_prefilling=is_prefilling.bool(),
+                query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1].long(),
             )
             return KVzapCPUAttentionMetadata(**fields, rows=rows)
         judged_upto = (num_computed - self.pruning.window).clamp(min=0).long()
@@ -148,16 +160,18 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         runtime = get_runtime()
         n = attn_metadata.num_actual_tokens
         if self.pruning.paged:
-            keep = runtime.keep_flags(self.layer_idx, key[:n])
-            runtime.paged.forward_layer(
+            table = runtime.pages
+            plan = table.plan(attn_metadata.rows)
+            scores = runtime.layer_scores(self.layer_idx, key[:n])
+            table.write_layer(plan, self.layer_idx, key, value, scores, layer.isa)
+            attend_layer(
+                table,
+                plan,
                 self.layer_idx,
-                attn_metadata.rows,
-                query[:n],
-                key[:n],
-                value[:n],
-                keep[:n],
-                self.scale,
+                query,
                 output[:n].view(n, self.num_heads, self.head_size),
+                self.scale,
+                layer.isa,
             )
             return output
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape

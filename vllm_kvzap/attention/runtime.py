@@ -1,14 +1,16 @@
-"""Worker-side pruning state, shared by the scoring hooks and the attention backend.
+"""Worker-side pruning state, shared by the scoring op and the attention backend.
 
 Data flow inside one forward pass, per decoder layer `l`:
-1. a forward pre-hook on `layers.{l}.self_attn` scores its input hidden states `[T, D]` with the
-   surrogate (or a baseline, `scorers/baselines.py`; knorm is scored from the keys in step 2) and
-   stores keep flags `[T, H_kv]` (score >= threshold) in `pending_keep[l]`;
-2. the attention backend of layer `l` scatters those flags into `keep_caches[l]`, indexed like the
-   paged KV cache (one row per slot), then attends with them once a token has left the window.
-A slot's flag is fixed when its KV pair is written; whether it is applied depends only on the
-request's progress (see `judged_upto` in the backend), so a pair is judged exactly once and never
-comes back. The KV connector reads `keep_caches` to count a finished request's pruned pairs.
+1. a forward pre-hook on `layers.{l}.self_attn` calls the scoring op (`scoring_op.py`), which scores
+   the layer's input hidden states `[T, D]` with the surrogate (or a baseline,
+   `scorers/baselines.py`; knorm is scored from the keys in step 2) into `pending_scores[l]`
+   (`[T, H_kv]` float32);
+2. the attention backend of layer `l` takes them (`layer_scores`) and stores each pair's score with
+   it: paged mode in the page table (`cache/page_table.py`), which judges a pair against the
+   threshold once it has left the window; mask mode as keep flags (score >= threshold) in
+   `keep_caches[l]`, indexed like vLLM's paged KV cache (one row per slot).
+A pair's score is fixed when it is written; when it is applied depends only on the request's
+progress, so a pair is judged exactly once and never comes back.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vllm_kvzap.attention.paged import PagedKV
+from vllm_kvzap.cache.page_table import PageTable
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.scorers import Surrogate, load_surrogate
 from vllm_kvzap.scorers.baselines import knorm_scores, random_scores, window_scores
@@ -26,42 +28,60 @@ _runtime: PruningRuntime | None = None
 
 class PruningRuntime:
     def __init__(
-        self, config: KVPruningConfig, surrogate: Surrogate | None, num_layers: int, num_kv_heads: int
+        self,
+        config: KVPruningConfig,
+        surrogate: Surrogate | None,
+        num_layers: int,
+        num_kv_heads: int,
+        max_num_seqs: int = 256,
+        max_model_len: int = 8192,
     ):
         self.config = config
         self.surrogate = surrogate
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
-        self.pending_keep: dict[int, torch.Tensor] = {}
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.pending_scores: dict[int, torch.Tensor] = {}
         self.keep_caches: dict[int, torch.Tensor] = {}  # mask mode
-        self.paged: PagedKV | None = None  # paged mode
+        self.pages: PageTable | None = None  # paged mode
 
     def setup_paged(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.model_executor.models.utils import extract_layer_index
 
         by_layer = sorted((extract_layer_index(name), t) for name, t in kv_caches.items())
         assert [i for i, _ in by_layer] == list(range(self.num_layers)), sorted(kv_caches)
-        self.paged = PagedKV([t for _, t in by_layer], self.num_layers, self.config.window)
+        self.pages = PageTable(
+            [t for _, t in by_layer],
+            window=self.config.window,
+            threshold=self.config.threshold,
+            max_slots=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            ratio=self.config.ratio if self.config.ratio_mode else None,
+            alpha=self.config.alpha,
+        )
 
     def score(self, layer_idx: int, hidden_states: torch.Tensor, positions: torch.Tensor) -> None:
-        """Scoring hook, before a layer's attention: keep flags for the step's tokens."""
-        method, threshold = self.config.method, self.config.threshold
+        """Before a layer's attention (the scoring op): scores [T, H_kv] of the step's tokens."""
+        method = self.config.method
         if self.surrogate is not None:
-            _, keep = self.surrogate.score_and_decide(hidden_states, layer_idx, threshold)
+            scores = self.surrogate.score(hidden_states, layer_idx)
         elif method == "window":
-            keep = window_scores(positions, self.num_kv_heads, self.config.sinks) >= threshold
+            scores = window_scores(positions, self.num_kv_heads, self.config.sinks)
         elif method == "random":
             scores = random_scores(positions, layer_idx, self.num_kv_heads, self.config.seed)
-            keep = scores >= threshold
         else:
-            return  # knorm: scored from the keys, in `keep_flags`
-        self.pending_keep[layer_idx] = keep
+            return  # knorm: scored from the keys, in `layer_scores`
+        self.pending_scores[layer_idx] = scores
+
+    def layer_scores(self, layer_idx: int, key: torch.Tensor) -> torch.Tensor:
+        """Scores [T, H_kv] float32 of the step's tokens in this layer (key: [T, H_kv, D])."""
+        if self.config.method == "knorm":
+            return knorm_scores(key)
+        return self.pending_scores.pop(layer_idx)
 
     def keep_flags(self, layer_idx: int, key: torch.Tensor) -> torch.Tensor:
-        """Keep flags [T, H_kv] of the step's tokens in this layer (key: [T, H_kv, D])."""
-        if self.config.method == "knorm":
-            return knorm_scores(key) >= self.config.threshold
-        return self.pending_keep.pop(layer_idx)
+        """Mask mode: keep flags [T, H_kv] (score >= threshold) of the step's tokens."""
+        return self.layer_scores(layer_idx, key) >= self.config.threshold
 
     def keep_cache(self, layer_idx: int, num_slots: int, num_kv_heads: int, device) -> torch.Tensor:
         cache = self.keep_caches.get(layer_idx)
@@ -116,14 +136,25 @@ def install_runtime(model: nn.Module, vllm_config, config: KVPruningConfig) -> P
     device = next(model.parameters()).device
     surrogate = load_surrogate(config.surrogate).to(device) if config.uses_surrogate else None
     num_kv_heads = vllm_config.model_config.get_total_num_kv_heads()
-    runtime = PruningRuntime(config, surrogate, len(modules), num_kv_heads)
+    runtime = PruningRuntime(
+        config,
+        surrogate,
+        len(modules),
+        num_kv_heads,
+        max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+        max_model_len=vllm_config.model_config.max_model_len,
+    )
+
+    from vllm_kvzap.attention.scoring_op import score
 
     for layer_idx, module in modules.items():
 
         def hook(module, args, kwargs, layer_idx=layer_idx):
+            # A custom op, not a Python call: under torch.compile it runs inside the graph, before
+            # this layer's attention (see `scoring_op.py`); it calls `runtime.score`.
             positions = kwargs["positions"] if "positions" in kwargs else args[0]
             hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
-            runtime.score(layer_idx, hidden_states, positions[: hidden_states.shape[0]])
+            score(hidden_states, positions[: hidden_states.shape[0]], layer_idx)
 
         module.register_forward_pre_hook(hook, with_kwargs=True)
     _runtime = runtime

@@ -1,0 +1,210 @@
+"""The worker's page state (`cache/page_table.py`) and the kernel rows (`attention/rows.py`) without
+an engine, against the DMS rule and a dense masked attention in plain torch.
+
+A batch of requests is driven through prompt chunks and decoding steps, mixed in the same steps.
+Every key carries its (layer, position, head) in its first element, so the set of positions each
+row exposes to vLLM's CPU kernel can be read back from the pages (through the kernel's own page
+layout: pairs are written by `cpu_attn_reshape_and_cache`, moved by the page table) and compared
+with what DMS says must be visible: every position not judged yet (the window, plus the token
+leaving it in this step) and the judged positions whose score clears the threshold. The kernel's
+output is compared with softmax attention over exactly those positions. Pages follow the layout
+rule, the pool never runs past what the scheduler reserved, and everything returns to the pool.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvzap.attention.rows import attend_layer
+from vllm_kvzap.cache.page_table import PageTable, StepRows
+
+L, H, G, D, NB = 2, 2, 3, 32, 48
+# vLLM's CPU kernel: pages of a multiple of 32 slots (`vec`), or of 16 (`vec16`)
+LAYOUTS = [(32, "vec"), (16, "vec16")]
+
+
+def identity(layer: int, pos: int, head: int) -> float:
+    return float(1 + pos + 10_000 * layer + 1_000_000 * head)
+
+
+class Sim:
+    """Requests with fixed scores/keys/values per (layer, position, head)."""
+
+    def __init__(self, prompt_lens, steps, window, seed=0, threshold=0.0, layout=LAYOUTS[0]):
+        g = torch.Generator().manual_seed(seed)
+        self.bs, self.isa = layout
+        self.window, self.threshold = window, threshold
+        self.prompt_lens = prompt_lens
+        n = max(prompt_lens) + steps + 1
+        R = len(prompt_lens)
+        self.scores = torch.randn(R, L, n, H, generator=g)
+        self.keys = torch.randn(R, L, n, H, D, generator=g) * 0.3
+        self.values = torch.randn(R, L, n, H, D, generator=g)
+        for r in range(R):
+            for layer in range(L):
+                for h in range(H):
+                    self.keys[r, layer, :, h, 0] = torch.tensor(
+                        [identity(layer, p, h) for p in range(n)]
+                    )
+        self.buf = torch.zeros(L, NB, H, self.bs, 2 * D)
+        self.table = PageTable([self.buf[i] for i in range(L)], window, threshold, 8, 1024)
+
+    def visible(self, r: int, layer: int, h: int, n_written: int, decoding: bool) -> set[int]:
+        if not decoding:
+            return set(range(n_written))
+        n = n_written - 1  # the new token's position
+        keep = self.scores[r, layer, :, h] >= self.threshold
+        return {p for p in range(n + 1) if p >= n - self.window or bool(keep[p])}
+
+
+def run_step(sim: Sim, batch: list[tuple[int, int, int, bool]]):
+    """batch: (request, num_computed, query_len, is_prefilling). Returns the plan."""
+    qlens = torch.tensor([b[2] for b in batch])
+    qsl = torch.zeros(len(batch) + 1, dtype=torch.int64)
+    qsl[1:] = qlens.cumsum(0)
+    rows = StepRows(
+        keys=torch.tensor([1 + 3 * b[0] for b in batch]),
+        num_computed=torch.tensor([b[1] for b in batch]),
+        query_lens=qlens,
+        is_prefilling=torch.tensor([b[3] for b in batch]),
+        query_start_loc=qsl,
+    )
+    table = sim.table
+    plan = table.plan(rows)
+    assert table.plan(rows) is plan  # planned once per step
+    T = int(qlens.sum())
+    g = torch.Generator().manual_seed(T)
+    query = torch.randn(T, H * G, D, generator=g)
+    query[..., 0] = 0  # the keys' identity element takes no part in attention
+    for layer in range(L):
+        tok = [(r, c + t) for r, c, q, _ in batch for t in range(q)]
+        key = torch.stack([sim.keys[r, layer, p] for r, p in tok])
+        value = torch.stack([sim.values[r, layer, p] for r, p in tok])
+        scores = torch.stack([sim.scores[r, layer, p] for r, p in tok])
+        table.write_layer(plan, layer, key, value, scores, sim.isa)
+        out = torch.zeros(T, H * G, D)
+        attend_layer(table, plan, layer, query, out, D**-0.5, sim.isa)
+        # what each row exposes, read back through the kernel's page layout
+        for b, (r, c, q, pre) in enumerate(batch):
+            decoding = q == 1 and not pre
+            for h in range(H):
+                row = b * H + h
+                n_res = int(plan.seq_lens[layer, row])
+                pages = plan.block_tables[layer, row]
+                bs = sim.bs
+                ids = [float(table._keys_t[int(pages[j // bs]), 0, j % bs]) for j in range(n_res)]
+                positions = sorted(int(i - 1 - 10_000 * layer - 1_000_000 * h) for i in ids)
+                assert positions == sorted(sim.visible(r, layer, h, c + q, decoding)), (
+                    r, layer, h, c, q,
+                )  # fmt: skip
+                # the kernel's output against dense softmax over exactly those positions
+                vis = torch.tensor(positions)
+                k, v = sim.keys[r, layer, vis, h], sim.values[r, layer, vis, h]
+                q0 = int(qsl[b])
+                for t in range(q):
+                    limit = c + t  # causal within a prompt chunk
+                    m = vis <= limit
+                    qt = query[q0 + t, h * G : (h + 1) * G]
+                    att = torch.softmax((qt @ k[m].T) * D**-0.5, dim=-1) @ v[m]
+                    torch.testing.assert_close(
+                        out[q0 + t, h * G : (h + 1) * G], att, atol=2e-5, rtol=1e-4
+                    )
+    return plan
+
+
+def check_pool(table: PageTable) -> None:
+    BS = table.block_size
+    held = int(table.num_pages.sum())
+    assert table.num_free + held == table.capacity
+    live = table.pages[table.num_pages[..., None] > torch.arange(table.max_pages)]
+    assert live.unique().numel() == live.numel() == held  # no page held twice
+    rows_need = -(-table.seq_len // BS)
+    assert bool((table.num_pages == rows_need).all())  # pages follow the layout rule
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[isa for _, isa in LAYOUTS])
+@pytest.mark.parametrize("window", [0, 1, 5, 32, 40, 200])
+def test_rows_expose_exactly_what_dms_keeps(window, layout):
+    prompt_lens = [3, 45, 130]
+    steps = 40
+    sim = Sim(prompt_lens, steps, window, seed=window, layout=layout)
+    BS = sim.bs
+    chunk = 50
+    state = {r: 0 for r in range(len(prompt_lens))}  # tokens computed
+    total = {r: n + steps for r, n in enumerate(prompt_lens)}
+    reports = {}
+    while any(state[r] < total[r] for r in state):
+        batch = []
+        for r, c in state.items():
+            if c >= total[r]:
+                continue
+            P = prompt_lens[r]
+            q = min(chunk, P - c) if c < P else 1
+            batch.append((r, c, q, c < P))
+        plan = run_step(sim, batch)
+        del plan
+        # a decoding step holds at most what the scheduler reserved from the last report
+        # (`cache/manager.py`: at least the dense size on the first one; prompt chunks: dense)
+        pages = sim.table.num_pages.sum((0, 2))
+        for r, c, q, pre in batch:
+            key = 1 + 3 * r
+            held = int(pages[int(sim.table.slot_of_key[key])])
+            dense_pages = L * H * -(-(c + q) // BS)
+            if q == 1 and not pre:
+                report = reports[key]
+                bound = max(report.next_pages, dense_pages) if report.dense else report.next_pages
+                assert held <= bound, (r, c, held, report)
+            else:
+                assert held <= dense_pages
+        reports = sim.table.reports()
+        check_pool(sim.table)
+        for r, c, q, _ in batch:
+            state[r] = c + q
+    for r, n in enumerate(prompt_lens):
+        pruned, peak, end = sim.table.finished_counts(1 + 3 * r)
+        judged = max(0, total[r] - window)
+        keep = sim.scores[r, :, :judged] >= 0
+        assert pruned == (~keep).sum((1, 2)).tolist()
+        assert end <= peak
+    sim.table.release_keys([1 + 3 * r for r in range(len(prompt_lens))])
+    assert sim.table.num_free == sim.table.capacity
+    assert sim.table.num_free_slots == 8
+
+
+def test_preempted_request_restarts_and_a_dense_one_counts_its_prompt():
+    sim = Sim([70, 20], 10, window=8, seed=3)
+    for c in range(70, 75):  # request 0 decodes a few steps
+        if c == 70:
+            run_step(sim, [(0, 0, 70, True)])
+        run_step(sim, [(0, c, 1, False)])
+    free_before = sim.table.num_free
+    run_step(sim, [(0, 0, 40, True), (1, 0, 20, True)])  # request 0 recomputes from scratch
+    assert sim.table.num_free < free_before
+    check_pool(sim.table)
+    # request 1 ends in its prompt: tokens older than the window count as judged
+    pruned, _, _ = sim.table.finished_counts(1 + 3 * 1)
+    keep = sim.scores[1, :, : 20 - 8] >= 0
+    assert pruned == (~keep).sum((1, 2)).tolist()
+    sim.table.release_keys([1, 4])
+    assert sim.table.num_free == sim.table.capacity
+
+
+def test_pool_refuses_to_overcommit():
+    sim = Sim([10], 1, window=4)
+    sim.table._alloc(sim.table.num_free)
+    with pytest.raises(RuntimeError, match="page pool exhausted"):
+        run_step(sim, [(0, 0, 10, True)])
+
+
+def test_null_block_pages_are_never_handed_out():
+    sim = Sim([10], 1, window=4)
+    ids = set(sim.table.free_pages.tolist())
+    page_elems = sim.bs * 2 * D
+    null = {
+        (sim.buf[layer, 0, h].data_ptr() - sim.buf.data_ptr()) // (4 * page_elems)
+        for layer in range(L)
+        for h in range(H)
+    }
+    assert not null & ids
+    assert len(ids) == L * (NB - 1) * H

@@ -1,0 +1,75 @@
+"""Paged-mode attention of one layer in vLLM's own CPU kernel, one row per (request, KV head).
+
+`cache/page_table.py` plans the step: each row is a page list whose resident pairs are slots
+`0 .. seq_len - 1`, in vLLM's CPU page layout. vLLM's `cpu_attention_with_kv_cache` reads exactly
+that with `num_kv_heads = 1`: the row's query is the GQA group of its KV head (`[q_len, G, D]`),
+its block table the row's pages in the pool viewed as `[num_pages, 1, block_size, D]`. Decode
+rows are a zero-copy view of the query (`[T * H_kv, G, D]`, row = token x KV head); multi-token
+rows (prompt chunks) are regrouped with the plan's permutation and the output scattered back.
+The kernel's scheduler metadata depends on each layer's row lengths, so it is built per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm import _custom_ops as ops
+from vllm import envs
+
+from vllm_kvzap.cache.page_table import PageTable, StepPlan
+
+# ISAs whose in-page layout `PageTable` moves pairs in (keys transposed per page, values plain)
+SUPPORTED_ISAS = ("vec", "vec16")
+
+
+def attend_layer(
+    table: PageTable,
+    plan: StepPlan,
+    layer_idx: int,
+    query: torch.Tensor,  # [T, H_q, D]
+    out: torch.Tensor,  # [T, H_q, D], contiguous
+    scale: float,
+    isa: str,
+) -> None:
+    T, H = plan.num_tokens, table.num_heads
+    D = table.head_size
+    G = query.shape[1] // H
+    rows_q = query[:T].reshape(T * H, G, D)
+    out_rows = out[:T].view(T * H, G, D)
+    if plan.query_perm is not None:
+        rows_q = rows_q[plan.query_perm]
+        out_rows = torch.empty_like(rows_q)
+    elif not rows_q.is_contiguous():
+        rows_q = rows_q.contiguous()
+    seq_lens = plan.seq_lens[layer_idx]
+    num_rows = seq_lens.numel()
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=num_rows,
+        num_heads=G,
+        num_kv_heads=1,
+        head_dim=D,
+        seq_lens=seq_lens,
+        dtype=query.dtype,
+        query_start_loc=plan.row_query_start_loc,
+        causal=True,
+        sliding_window_size=-1,
+        isa=isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+    )
+    ops.cpu_attention_with_kv_cache(
+        query=rows_q,
+        key_cache=table.key_cache,
+        value_cache=table.value_cache,
+        output=out_rows,
+        query_start_loc=plan.row_query_start_loc,
+        seq_lens=seq_lens,
+        scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=plan.block_tables[layer_idx],
+        softcap=0.0,
+        scheduler_metadata=metadata,
+        s_aux=None,
+    )
+    if plan.query_perm is not None:
+        out[:T].view(T * H, G, D)[plan.query_perm] = out_rows

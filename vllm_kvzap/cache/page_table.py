@@ -1,0 +1,432 @@
+"""Worker-side page state of paged mode: persistent tensors indexed by (layer, batch slot, KV head).
+
+vLLM allocates the KV cache as one buffer viewed per layer as `[num_blocks, H_kv, block_size, 2D]`;
+every (layer, block, head) cell is a *page* of `block_size` slots, read here as `[2 * block_size,
+D]` in vLLM's CPU layout for the `vec`/`vec16` ISAs: keys transposed (`[D, block_size]`), then
+values (`[block_size, D]`). All pages but the null block's form one pool, shared by every layer,
+head and request (a free-page stack).
+
+Each (request, layer, KV head) is a *row* of the engine's attention kernel: a page list where
+logical slot `j` lives at `pages[j // bs]`, offset `j % bs`, and the row's resident pairs are
+exactly slots `0 .. seq_len - 1` (what vLLM's CPU kernel reads with one KV head per row):
+- while the prompt is processed (or recomputed after preemption) the row is *dense*: slot = position;
+- at the start of its first decoding step the row is *compacted*: the `K` kept prompt tokens older
+  than the window move, in order, to slots `0 .. K-1`, the window follows as a ring
+  (position `p` at slot `K + (p - shift) mod W`, `shift = max(T - W, 0)`), and the prompt's spare
+  pages go back to the pool;
+- each decoding step, the token leaving the window (its ring slot is the new token's) is copied to
+  the *probation* slot right after the ring and the survivors, `K + W + surv`, so this step's query
+  still sees it; the new token takes the ring slot. At the next step's plan the probation token is
+  judged from the score it got when it was written: kept -> `surv += 1`, pruned -> its slot is
+  reused. With `W = 0` the new token itself is written on probation.
+A row therefore holds `ceil((K + W + surv + 1) / bs)` pages: memory follows the kept pairs.
+
+A step is planned once (`plan_step`, before the first layer's attention, after the KV connector has
+released finished and preempted requests) with bulk tensor operations over all rows of all layers:
+slots for new requests, the previous step's verdicts, compactions, page allocation and frees, and
+every layer's kernel arguments (`StepPlan`). Each layer then only indexes the plan (`write_layer`:
+moves and writes; `attention/rows.py`: the kernel call). No Python loop over requests, layers or
+heads; one host read of a few sizes per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvzap.cache.manager import ResidentReport
+
+
+@dataclass
+class StepRows:
+    """The step's requests as the metadata builder sees them (cpu tensors, batch order)."""
+
+    keys: torch.Tensor  # [B] int64: first block id, names the request's pages on the worker
+    num_computed: torch.Tensor  # [B] int64: tokens whose KV is already written
+    query_lens: torch.Tensor  # [B] int64
+    is_prefilling: torch.Tensor  # [B] bool
+    query_start_loc: torch.Tensor  # [B + 1] int64
+
+
+@dataclass
+class StepPlan:
+    """Everything a layer needs for this step; leading dim L (layers) where present."""
+
+    num_tokens: int
+    block_tables: torch.Tensor  # [L, B * H, P] int32: row (b, h) -> its pages
+    seq_lens: torch.Tensor  # [L, B * H] int32: resident slots per row during the step
+    row_query_start_loc: torch.Tensor  # [B * H + 1] int32
+    max_query_len: int
+    query_perm: torch.Tensor | None  # [T * H]: row order -> (token, head) order; None = identity
+    write_slots: torch.Tensor  # [L, T * H] int64: physical slot of (token, head)
+    move_src: torch.Tensor  # [L, M] int64: physical slots of the tokens leaving the window
+    move_dst: torch.Tensor  # [L, M] int64: their probation slots
+    scheduler_metadata: list | None = None  # per layer, filled by attention/rows.py
+
+
+class PageTable:
+    def __init__(
+        self,
+        kv_caches: list[torch.Tensor],
+        window: int,
+        threshold: float,
+        max_slots: int,
+        max_model_len: int,
+        ratio: float | None = None,
+        alpha: float = 0.2,
+    ):
+        first = kv_caches[0]
+        num_blocks, num_heads, block_size, two_d = first.shape
+        self.num_layers, self.num_heads, self.block_size = len(kv_caches), num_heads, block_size
+        self.head_size = two_d // 2
+        self.window = window
+        self.ratio, self.alpha = ratio, alpha  # ratio mode: AdaKV over the prompt (window 0)
+        self.device = first.device
+        page_elems = block_size * two_d
+        storage = first.untyped_storage()
+        num_pages = storage.nbytes() // (page_elems * first.element_size())
+        # [num_pages, 2 * bs * D]: the flat page; key_cache/value_cache are the kernel's views
+        self.kv_pages = torch.empty(0, dtype=first.dtype, device=self.device).set_(
+            storage, 0, (num_pages, page_elems), (page_elems, 1)
+        )
+        paged = self.kv_pages.view(num_pages, 1, 2 * block_size, self.head_size)
+        self.key_cache, self.value_cache = paged.chunk(2, dim=2)  # [pages, 1, bs, D] each
+        half = block_size * self.head_size
+        self._keys_t = self.kv_pages[:, :half].view(num_pages, self.head_size, block_size)
+        self._values = self.kv_pages[:, half:].view(num_pages, block_size, self.head_size)
+        usable = []
+        for cache in kv_caches:
+            assert cache.shape == first.shape and cache.untyped_storage().data_ptr() == (
+                storage.data_ptr()
+            ), "kv_pruning expects all layers' KV caches in one buffer"
+            assert cache.stride(2) == two_d and cache.stride(3) == 1
+            base = cache.storage_offset() // page_elems
+            blocks = torch.arange(1, num_blocks)[:, None] * (cache.stride(0) // page_elems)
+            heads = torch.arange(num_heads)[None, :] * (cache.stride(1) // page_elems)
+            usable.append((base + blocks + heads).reshape(-1))
+        self.free_pages = torch.cat(usable).flip(0).to(torch.int32)  # a stack, top at the end
+        self.num_free = self.capacity = self.free_pages.numel()
+        self.slot_scores = torch.zeros(num_pages * block_size, dtype=torch.float32)
+
+        L, S, H = self.num_layers, max_slots, num_heads
+        self.max_pages = -(-(max_model_len + 1) // block_size)
+        self.pages = torch.zeros(L, S, H, self.max_pages, dtype=torch.int32)
+        self.num_pages = torch.zeros(L, S, H, dtype=torch.int64)
+        self.base = torch.zeros(L, S, H, dtype=torch.int64)  # prompt survivors (ring start)
+        self.surv = torch.zeros(L, S, H, dtype=torch.int64)  # decoding survivors after the ring
+        self.pending = torch.zeros(L, S, H, dtype=torch.bool)  # a token on probation
+        self.pruned = torch.zeros(L, S, H, dtype=torch.int64)
+        self.seq_len = torch.zeros(L, S, H, dtype=torch.int64)  # resident slots in the last step
+        self.num_tokens = torch.zeros(S, dtype=torch.int64)
+        self.shift = torch.zeros(S, dtype=torch.int64)
+        self.dense = torch.ones(S, dtype=torch.bool)
+        self.peak_pages = torch.zeros(S, dtype=torch.int64)
+        self.threshold = torch.full((S,), float(threshold), dtype=torch.float32)
+        self.key_of_slot = torch.full((S,), -1, dtype=torch.int64)
+        self.slot_of_key = torch.full((num_blocks,), -1, dtype=torch.int64)
+        self.free_slots = torch.arange(S - 1, -1, -1, dtype=torch.int64)
+        self.num_free_slots = S
+        self._planned: tuple[StepRows, StepPlan] | None = None
+
+    # ------------------------------------------------------------------ pool
+    def _alloc(self, n: int) -> torch.Tensor:
+        if n > self.num_free:
+            raise RuntimeError(
+                f"kv_pruning page pool exhausted: {n} pages wanted, {self.num_free} free "
+                "(scheduler accounting and worker pages disagree)"
+            )
+        self.num_free -= n
+        return self.free_pages[self.num_free : self.num_free + n]
+
+    def _free(self, ids: torch.Tensor) -> None:
+        n = ids.numel()
+        self.free_pages[self.num_free : self.num_free + n] = ids
+        self.num_free += n
+
+    def _row_pages(self, layer, slot, head, upto: torch.Tensor, start: torch.Tensor | None = None):
+        """Page ids of rows (index tensors of one shape) at columns start .. upto - 1."""
+        cols = torch.arange(self.max_pages)
+        lo = torch.zeros_like(upto) if start is None else start
+        mask = (cols >= lo[..., None]) & (cols < upto[..., None])
+        return self.pages[layer[..., None], slot[..., None], head[..., None], cols][mask]
+
+    def _phys(self, slot: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """Physical slots of logical slots [L, X, H, *rest] of request slots [X]."""
+        extra = (1,) * (logical.dim() - 3)
+        layer = torch.arange(self.num_layers).view(-1, 1, 1, *extra)
+        head = torch.arange(self.num_heads).view(1, 1, -1, *extra)
+        col = (logical // self.block_size).clamp(max=self.max_pages - 1)
+        page = self.pages[layer, slot.view(1, -1, 1, *extra), head, col].long()
+        return page * self.block_size + logical % self.block_size
+
+    # ------------------------------------------------------------------ requests
+    def release_keys(self, keys: list[int]) -> None:
+        if not keys:
+            return
+        keys_t = torch.tensor(keys, dtype=torch.int64)
+        slots = self.slot_of_key[keys_t]
+        self._release_slots(slots[slots >= 0])
+
+    def _release_slots(self, slots: torch.Tensor) -> None:
+        if slots.numel() == 0:
+            return
+        L, H = self.num_layers, self.num_heads
+        layer = torch.arange(L)[:, None, None].expand(L, slots.numel(), H)
+        head = torch.arange(H)[None, None, :].expand_as(layer)
+        sl = slots[None, :, None].expand_as(layer)
+        self._free(self._row_pages(layer, sl, head, self.num_pages[:, slots]))
+        for t in (self.num_pages, self.base, self.surv, self.pruned, self.seq_len):
+            t[:, slots] = 0
+        self.pending[:, slots] = False
+        self.num_tokens[slots] = 0
+        self.shift[slots] = 0
+        self.dense[slots] = True
+        self.peak_pages[slots] = 0
+        self.slot_of_key[self.key_of_slot[slots]] = -1
+        self.key_of_slot[slots] = -1
+        n = slots.numel()
+        self.free_slots[self.num_free_slots : self.num_free_slots + n] = slots
+        self.num_free_slots += n
+
+    def _assign_slots(self, keys: torch.Tensor) -> None:
+        n = keys.numel()
+        if n > self.num_free_slots:
+            raise RuntimeError(f"kv_pruning: more running requests than {self.key_of_slot.numel()}")
+        self.num_free_slots -= n
+        slots = self.free_slots[self.num_free_slots : self.num_free_slots + n].clone()
+        self.slot_of_key[keys] = slots
+        self.key_of_slot[slots] = keys
+
+    # ------------------------------------------------------------------ verdicts
+    def _keep(self, phys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Keep decisions of the pairs at physical slots [L, X, H, ...] of request slots [X]."""
+        thr = self.threshold[slots].view(1, -1, *([1] * (phys.dim() - 2)))
+        return self.slot_scores[phys] >= thr
+
+    def _prompt_keep(self, phys: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor):
+        """Verdicts on the prompt's pairs at physical slots [L, C, H, T] (lengths [C]): the
+        threshold, or in ratio mode AdaKV over each layer's whole prompt (`scorers/adakv.py`)."""
+        if self.ratio is None:
+            return self._keep(phys, slots)
+        from vllm_kvzap.scorers.adakv import adakv_keep
+
+        scores = self.slot_scores[phys].permute(1, 0, 3, 2)  # [C, L, T, H]
+        keep = adakv_keep(scores, lengths, self.ratio, self.alpha)
+        return keep.permute(1, 0, 3, 2)
+
+    def _settle(self, slots: torch.Tensor) -> None:
+        """Judge last step's probation tokens (kept -> survivor, pruned -> slot reused)."""
+        pending = self.pending[:, slots]
+        logical = self.base[:, slots] + self.window + self.surv[:, slots]
+        keep = self._keep(self._phys(slots, logical), slots)
+        self.surv[:, slots] += (pending & keep).long()
+        self.pruned[:, slots] += (pending & ~keep).long()
+        self.pending[:, slots] = False
+
+    def _compact(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        """End of the prompt: judge every token older than the window, keep survivors + window."""
+        W, bs = self.window, self.block_size
+        positions = torch.arange(int(num_tokens.max()))
+        shift = (num_tokens - W).clamp(min=0)
+        valid = positions[None] < num_tokens[:, None]  # [C, T]
+        judged = (positions[None] < shift[:, None])[None, :, None, :]  # [1, C, 1, T]
+        phys = self._phys(slots, positions.view(1, 1, 1, -1))  # [L, C, H, T]
+        keep = self._prompt_keep(phys, slots, num_tokens)
+        kept = keep & judged
+        survivors = kept.sum(-1)  # [L, C, H]
+        self.pruned[:, slots] += (judged & ~keep & valid[None, :, None, :]).sum(-1)
+        in_window = valid[None, :, None, :] & ~judged
+        dest = torch.where(
+            kept,
+            kept.cumsum(-1) - 1,
+            torch.where(in_window, survivors[..., None] + positions - shift[None, :, None, None], -1),
+        )
+        moving = (dest >= 0) & (dest != positions)
+        if bool(moving.any()):
+            src = phys[moving]
+            dst = self._phys(slots, dest.clamp(min=0))[moving]
+            self._move(src, dst)
+        self.base[:, slots] = survivors
+        self.surv[:, slots] = 0
+        self.shift[slots] = shift
+        self.dense[slots] = False
+        # give back the prompt's spare pages (the step's allocation adds what it needs)
+        in_ring = (num_tokens - shift)[None, :, None]
+        need = -(-(survivors + in_ring) // bs)
+        have = self.num_pages[:, slots]
+        L, C, H = need.shape
+        layer = torch.arange(L)[:, None, None].expand(L, C, H)
+        head = torch.arange(H)[None, None, :].expand(L, C, H)
+        self._free(self._row_pages(layer, slots[None, :, None].expand(L, C, H), head, have, need))
+        self.num_pages[:, slots] = torch.minimum(have, need)
+
+    def _move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the pairs (and their scores) at physical slots src to dst (gather, then scatter)."""
+        bs = self.block_size
+        sp, so, dp, do = src // bs, src % bs, dst // bs, dst % bs
+        keys = self._keys_t[sp, :, so]  # [M, D] (advanced indexing copies)
+        values = self._values[sp, so]
+        scores = self.slot_scores[src]
+        self._keys_t[dp, :, do] = keys
+        self._values[dp, do] = values
+        self.slot_scores[dst] = scores
+
+    # ------------------------------------------------------------------ the step
+    def plan(self, rows: StepRows) -> StepPlan:
+        """The step's plan, made once (the first layer to ask makes it)."""
+        if self._planned is not None and self._planned[0] is rows:
+            return self._planned[1]
+        plan = self._plan(rows)
+        self._planned = (rows, plan)
+        return plan
+
+    def _plan(self, rows: StepRows) -> StepPlan:
+        W, bs, L, H = self.window, self.block_size, self.num_layers, self.num_heads
+        keys, computed, qlens = rows.keys, rows.num_computed, rows.query_lens
+        B = keys.numel()
+        slots = self.slot_of_key[keys]
+        fresh = computed == 0
+        if bool(fresh.any()):  # new, or recomputing after preemption: start afresh
+            stale = slots[fresh]
+            self._release_slots(stale[stale >= 0])
+            self._assign_slots(keys[fresh])
+            slots = self.slot_of_key[keys]
+        self._settle(slots)
+        decode = (qlens == 1) & ~rows.is_prefilling
+        compacting = decode & self.dense[slots]
+        if bool(compacting.any()):
+            self._compact(slots[compacting], computed[compacting])
+        dense = self.dense[slots]  # [B]
+
+        # this step's logical slots and lengths, per (layer, request, head)
+        base, surv = self.base[:, slots], self.surv[:, slots]
+        in_ring = computed - self.shift[slots]  # tokens in the ring before this step
+        if W > 0:
+            leaving = ~dense & (in_ring >= W)  # [B]: a token leaves the window now
+            new_logical = base + (in_ring % W)[None, :, None]  # decoding rows: its ring slot
+            probation = leaving
+        else:  # the new token itself goes on probation
+            leaving = torch.zeros_like(dense)
+            new_logical = base + surv
+            probation = ~dense
+        seq = torch.where(
+            dense[None, :, None],
+            (computed + qlens)[None, :, None].expand(L, B, H),
+            base + torch.clamp(in_ring + 1, max=W)[None, :, None] + surv
+            + probation[None, :, None].long(),
+        )  # fmt: skip
+
+        # pages: allocate what the step needs (compaction already gave back the spare ones)
+        need = -(-seq // bs)
+        have = self.num_pages[:, slots]
+        deficit = (need - have).clamp(min=0).flatten()
+        total = int(deficit.sum())
+        if total:
+            layer = torch.arange(L)[:, None, None].expand(L, B, H).flatten()
+            head = torch.arange(H)[None, None, :].expand(L, B, H).flatten()
+            slot_f = slots[None, :, None].expand(L, B, H).flatten()
+            rep = torch.repeat_interleave(torch.arange(deficit.numel()), deficit)
+            start = deficit.cumsum(0) - deficit
+            col = have.flatten()[rep] + torch.arange(total) - start[rep]
+            self.pages[layer[rep], slot_f[rep], head[rep], col] = self._alloc(total)
+        self.num_pages[:, slots] = torch.maximum(have, need)
+        self.seq_len[:, slots] = seq
+        self.pending[:, slots] = probation[None, :, None].expand(L, B, H)
+
+        # moves: the leaving token's ring slot -> the probation slot
+        mover = leaving.nonzero().squeeze(1)
+        move_src = self._phys(slots[mover], new_logical[:, mover]).flatten(1)
+        move_dst = self._phys(slots[mover], (base + W + surv)[:, mover]).flatten(1)
+
+        # writes: (token, head) -> physical slot, in every layer
+        tok_req = torch.repeat_interleave(torch.arange(B), qlens)
+        T = tok_req.numel()
+        tok_pos = computed[tok_req] + torch.arange(T) - rows.query_start_loc[:-1][tok_req]
+        logical = torch.where(
+            dense[tok_req][None, :, None], tok_pos[None, :, None], new_logical[:, tok_req]
+        )  # [L, T, H]
+        write_slots = self._phys(slots[tok_req], logical).flatten(1)
+
+        # kernel rows: (request, head), each with its own pages and length
+        num_cols = max(1, int(need.max())) if B else 1
+        block_tables = self.pages[:, slots, :, :num_cols].reshape(L, B * H, num_cols)
+        row_qlens = qlens.repeat_interleave(H)
+        row_qsl = torch.zeros(B * H + 1, dtype=torch.int32)
+        row_qsl[1:] = row_qlens.cumsum(0)
+        max_qlen = int(qlens.max()) if B else 0
+        perm = None
+        if max_qlen > 1:  # entry e of row r = (b, h): token qsl[b] + e - row_qsl[r], head h
+            row = torch.repeat_interleave(torch.arange(B * H), row_qlens)
+            t = torch.arange(T * H) - row_qsl[:-1].long()[row]
+            perm = (rows.query_start_loc[row // H] + t) * H + row % H
+
+        self.num_tokens[slots] = computed + qlens
+        held = self.num_pages[:, slots].sum((0, 2))
+        self.peak_pages[slots] = torch.maximum(self.peak_pages[slots], held)
+        return StepPlan(
+            num_tokens=T,
+            block_tables=block_tables,
+            seq_lens=seq.reshape(L, B * H).to(torch.int32),
+            row_query_start_loc=row_qsl,
+            max_query_len=max_qlen,
+            query_perm=perm,
+            write_slots=write_slots,
+            move_src=move_src,
+            move_dst=move_dst,
+        )
+
+    def write_layer(self, plan: StepPlan, layer_idx: int, key, value, scores, isa: str) -> None:
+        """Before the layer's attention: move the leaving tokens, write the step's K/V/scores."""
+        from vllm import _custom_ops as ops
+
+        if plan.move_src.shape[1]:
+            self._move(plan.move_src[layer_idx], plan.move_dst[layer_idx])
+        slots = plan.write_slots[layer_idx]
+        T, H, D = plan.num_tokens, self.num_heads, self.head_size
+        ops.cpu_attn_reshape_and_cache(
+            key[:T].reshape(T * H, 1, D),
+            value[:T].reshape(T * H, 1, D),
+            self.key_cache,
+            self.value_cache,
+            slots,
+            isa,
+        )
+        self.slot_scores[slots] = scores[:T].reshape(-1).float()
+
+    # ------------------------------------------------------------------ reporting
+    def reports(self) -> dict[int, ResidentReport]:
+        """Per running request (by key): pages held, most pages its next step may hold."""
+        slots = (self.key_of_slot >= 0).nonzero().squeeze(1)
+        if slots.numel() == 0:
+            return {}
+        pages = self.num_pages[:, slots]
+        # a row grows by at most one slot per step (a dense one is compacted first, which
+        # frees before it allocates)
+        grown = torch.maximum(pages, -(-(self.seq_len[:, slots] + 1) // self.block_size))
+        next_pages, pages = grown.sum((0, 2)), pages.sum((0, 2))
+        dense = self.dense[slots]
+        keys = self.key_of_slot[slots].tolist()
+        return {
+            k: ResidentReport(p, n, d)
+            for k, p, n, d in zip(keys, pages.tolist(), next_pages.tolist(), dense.tolist())
+        }
+
+    def finished_counts(self, key: int) -> tuple[list[int], int, int] | None:
+        """(pruned pairs per layer, peak pages, pages now) of a request, or None if unknown."""
+        slot = int(self.slot_of_key[key]) if 0 <= key < self.slot_of_key.numel() else -1
+        if slot < 0:
+            return None
+        slots = torch.tensor([slot])
+        if bool(self.dense[slot]):
+            # ends in its prompt: count tokens older than the window as judged, as DMS does
+            n = int(self.num_tokens[slot])
+            judged = torch.arange(max(0, n - self.window))
+            phys = self._phys(slots, judged.view(1, 1, 1, -1))
+            keep = self._prompt_keep(phys, slots, torch.tensor([judged.numel()]))
+            pruned = (~keep).sum((1, 2, 3))
+        else:
+            self._settle(slots)
+            pruned = self.pruned[:, slot].sum(-1)
+        pages = int(self.num_pages[:, slot].sum())
+        return pruned.tolist(), int(self.peak_pages[slot]), pages
