@@ -88,7 +88,8 @@ class KVzapPruningConnector(KVConnectorBase_V1):
             runtime.setup_paged(kv_caches)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
-        """Before the step's forward pass: count finished requests, release freed pages."""
+        """Before the step's forward pass: count finished requests, release freed pages, plan
+        the step's pages (`cache/page_table.py`)."""
         super().bind_connector_metadata(connector_metadata)
         assert isinstance(connector_metadata, KVzapConnectorMetadata)
         from vllm_kvzap.attention.runtime import get_runtime
@@ -111,6 +112,10 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                 self._counts.append(FinishedCounts(req, *found))
         if pages is not None:
             pages.release_keys(connector_metadata.freed_keys)
+            # plan the step the metadata builder just described (once: the layers reuse it)
+            rows, runtime.next_rows = runtime.next_rows, None
+            if rows is not None:
+                pages.plan(rows)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         from vllm_kvzap.attention.runtime import get_runtime

@@ -68,14 +68,19 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
 
 
 def default_block_size(head_size: int) -> int:
-    """Page size for paged mode when the user gives none: the smallest vLLM's CPU kernel takes.
+    """Page size for paged mode when the user gives none: the smallest vLLM's CPU kernel reads.
 
-    A row's pages hold its kept pairs plus less than one page of spare slots, so the smallest page
-    serves memory best (`benchmarks/throughput_benchmark.py` measures it): 32 slots (`vec`), or 16
-    for head sizes that are not a multiple of 32 (vLLM's `vec16` kernel). vLLM's own CPU default
-    is 128.
+    A row's pages hold its kept pairs plus less than one page of spare slots, and a request holds
+    less than one slab (layers x KV heads pages) more than it uses, so the smallest page serves
+    memory best: 16 slots (vLLM's `vec16` kernel; vLLM's own CPU default is 128). Measured by
+    `benchmarks/block_size_benchmark.py` (concurrency gain / ideal, p ~ 0.5 and 0.67): 0.97 and
+    0.87 at 16, 0.89 and 0.77 at 32, 0.75 and 0.66 at 64. Head sizes must be multiples of 16.
     """
-    return 16 if head_size % 32 else 32
+    if head_size % 16:
+        raise KVPruningConfigError(
+            f"kv_pruning paged mode needs a head size that is a multiple of 16, not {head_size}"
+        )
+    return 16
 
 
 def finish_vllm_config(vllm_config, pruning: KVPruningConfig) -> None:

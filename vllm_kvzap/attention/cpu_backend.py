@@ -3,8 +3,10 @@
 Without `kv_pruning` it is vLLM's CPU backend unchanged. With pruning on, the step's keep flags
 come from the scoring hook (`runtime.py`), and:
 - paged mode (default): the metadata builder records each request's key (first block id), computed
-  tokens, query length and prefill state (`StepRows`); the first layer's attention has the page
-  table plan the step (`cache/page_table.py`), and every layer then writes its K/V and scores
+  tokens, query length and prefill state (`StepRows`); the page table plans the step
+  (`cache/page_table.py`) when the KV connector binds it, after releasing finished and preempted
+  requests and before the forward pass (or, failing that, at the first layer's attention), and
+  every layer then writes its K/V and scores
   into the rows' pages and attends in vLLM's own CPU kernel, one row per (request, KV head)
   (`rows.py`). The backend's `customize_spec` selects the plugin's block manager (`cache/`).
   vLLM's AMX page packing is not supported: with pruning the `vec` layout is used instead.
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from vllm.config import get_current_vllm_config
-from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata, MultipleOf
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -71,27 +73,41 @@ class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         common_attn_metadata: CommonAttentionMetadata,
         fast_build: bool = False,
     ) -> CPUAttentionMetadata:
-        meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if not self.pruning.enabled:
-            return meta
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
-        query_lens = (cm.query_start_loc_cpu[1:] - cm.query_start_loc_cpu[:-1])[:num_reqs]
-        seq_lens = cm.seq_lens[:num_reqs].cpu()
-        num_computed = seq_lens - query_lens
+        qsl = cm.query_start_loc_cpu[: num_reqs + 1].long()
+        query_lens = qsl[1:] - qsl[:-1]
         if cm.is_prefilling is None:
             raise RuntimeError("kv_pruning needs is_prefilling in the attention metadata")
         is_prefilling = torch.as_tensor(cm.is_prefilling[:num_reqs]).cpu()
-        fields = {f: getattr(meta, f) for f in CPUAttentionMetadata.__dataclass_fields__}
         if self.pruning.paged:
+            # the kernel's own metadata is built per layer from the rows (`rows.py`)
             rows = StepRows(
                 keys=cm.block_table_tensor[:num_reqs, 0].cpu().long(),
-                num_computed=num_computed.long(),
-                query_lens=query_lens.long(),
+                num_computed=cm.seq_lens[:num_reqs].cpu().long() - query_lens,
+                query_lens=query_lens,
                 is_prefilling=is_prefilling.bool(),
-                query_start_loc=cm.query_start_loc_cpu[: num_reqs + 1].long(),
+                query_start_loc=qsl,
             )
-            return KVzapCPUAttentionMetadata(**fields, rows=rows)
+            runtime = get_runtime()
+            if runtime is not None:
+                runtime.next_rows = rows  # planned when the connector binds the step (below)
+            return KVzapCPUAttentionMetadata(
+                num_actual_tokens=cm.num_actual_tokens,
+                max_query_len=cm.max_query_len,
+                query_start_loc=cm.query_start_loc,
+                max_seq_len=cm.max_seq_len,
+                seq_lens=cm.seq_lens,
+                block_table=cm.block_table_tensor,
+                slot_mapping=cm.slot_mapping,
+                scheduler_metadata=None,
+                rows=rows,
+            )
+        meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        fields = {f: getattr(meta, f) for f in CPUAttentionMetadata.__dataclass_fields__}
+        num_computed = cm.seq_lens[:num_reqs].cpu() - query_lens
         judged_upto = (num_computed - self.pruning.window).clamp(min=0).long()
         judged_upto[is_prefilling] = 0
         return KVzapCPUAttentionMetadata(**fields, judged_upto=judged_upto)
@@ -206,6 +222,15 @@ class KVzapCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return "CPU_ATTN"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        # paged mode reads pages of 16 slots too (vLLM's `vec16` kernel, `rows.py`); vLLM's own
+        # backend asks for multiples of 32
+        runtime = get_runtime()
+        if runtime is not None and runtime.config.paged:
+            return [MultipleOf(16)]
+        return CPUAttentionBackend.get_supported_kernel_block_sizes(kv_cache_spec)
 
     @classmethod
     def customize_spec(cls, spec):

@@ -44,6 +44,7 @@ class PruningRuntime:
         self.pending_scores: dict[int, torch.Tensor] = {}
         self.keep_caches: dict[int, torch.Tensor] = {}  # mask mode
         self.pages: PageTable | None = None  # paged mode
+        self.next_rows = None  # paged mode: the step's rows, from the metadata builder
 
     def setup_paged(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.model_executor.models.utils import extract_layer_index
@@ -60,17 +61,22 @@ class PruningRuntime:
             alpha=self.config.alpha,
         )
 
-    def score(self, layer_idx: int, hidden_states: torch.Tensor, positions: torch.Tensor) -> None:
-        """Before a layer's attention (the scoring op): scores [T, H_kv] of the step's tokens."""
+    def graph_scores(
+        self, layer_idx: int, hidden_states: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Scores [T, H_kv] of the step's tokens from the layer's input, in plain torch ops (they
+        become part of the compiled model graph); None for knorm (scored from the keys)."""
         method = self.config.method
         if self.surrogate is not None:
-            scores = self.surrogate.score(hidden_states, layer_idx)
-        elif method == "window":
-            scores = window_scores(positions, self.num_kv_heads, self.config.sinks)
-        elif method == "random":
-            scores = random_scores(positions, layer_idx, self.num_kv_heads, self.config.seed)
-        else:
-            return  # knorm: scored from the keys, in `layer_scores`
+            return self.surrogate.score(hidden_states, layer_idx)
+        if method == "window":
+            return window_scores(positions, self.num_kv_heads, self.config.sinks)
+        if method == "random":
+            return random_scores(positions, layer_idx, self.num_kv_heads, self.config.seed)
+        return None
+
+    def save_scores(self, layer_idx: int, scores: torch.Tensor) -> None:
+        """The scoring op: the step's scores, for the layer's attention right after."""
         self.pending_scores[layer_idx] = scores
 
     def layer_scores(self, layer_idx: int, key: torch.Tensor) -> torch.Tensor:
@@ -145,16 +151,19 @@ def install_runtime(model: nn.Module, vllm_config, config: KVPruningConfig) -> P
         max_model_len=vllm_config.model_config.max_model_len,
     )
 
-    from vllm_kvzap.attention.scoring_op import score
+    from vllm_kvzap.attention.scoring_op import save_scores
 
     for layer_idx, module in modules.items():
 
         def hook(module, args, kwargs, layer_idx=layer_idx):
-            # A custom op, not a Python call: under torch.compile it runs inside the graph, before
-            # this layer's attention (see `scoring_op.py`); it calls `runtime.score`.
+            # Scores in torch ops (compiled with the model), handed over by a custom op that runs
+            # inside the graph, before this layer's attention (see `scoring_op.py`).
             positions = kwargs["positions"] if "positions" in kwargs else args[0]
             hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
-            score(hidden_states, positions[: hidden_states.shape[0]], layer_idx)
+            positions = positions[: hidden_states.shape[0]]
+            scores = runtime.graph_scores(layer_idx, hidden_states, positions)
+            if scores is not None:
+                save_scores(hidden_states, scores, layer_idx)
 
         module.register_forward_pre_hook(hook, with_kwargs=True)
     _runtime = runtime

@@ -1,11 +1,14 @@
-"""Scoring as a custom op, so that it runs inside vLLM's compiled graph (eager and compiled alike).
+"""Handing the scores to the attention backend as a custom op, inside vLLM's compiled graph.
 
 Place in the data flow: the forward pre-hook on `layers.{l}.self_attn` (`runtime.install_runtime`)
-calls `torch.ops.vllm_kvzap.score(hidden_states, positions, l)` on the self-attention input; its
-real impl is `runtime.score(l, hidden_states, positions)`, which stores the step's keep flags that
-layer `l`'s attention backend reads right after. Under torch.compile (on CPU vLLM 0.32 traces the
-whole model once into one inductor graph, `CompilationMode.DYNAMO_TRACE_ONCE`), a Python side
-effect in the hook would run after the compiled frame; an opaque op runs where the graph puts it.
+computes the layer's scores with plain torch ops (`runtime.graph_scores`: the surrogate, or a
+baseline), which torch.compile folds into the model's graph like any other layer, and calls
+`torch.ops.vllm_kvzap.save_scores(hidden_states, scores, l)`; its real impl is
+`runtime.save_scores(l, scores)`, which layer `l`'s attention backend reads right after. Under
+torch.compile (on CPU vLLM 0.32 traces the whole model once into one inductor graph,
+`CompilationMode.DYNAMO_TRACE_ONCE`), a Python side effect in the hook would run after the
+compiled frame; an opaque op runs where the graph puts it. The impl copies the scores: inductor
+may reuse their buffer once the op, their last reader in the graph, has run.
 
 Ordering and dead-code elimination come from the schema, not from node order: the op is declared
 to mutate `hidden_states` (it does not write to it). After functionalization every later reader of
@@ -25,27 +28,27 @@ from vllm_kvzap.attention.runtime import get_runtime
 _lib = torch.library.Library("vllm_kvzap", "FRAGMENT")
 
 
-def _score(hidden_states: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> None:
+def _save_scores(hidden_states: torch.Tensor, scores: torch.Tensor, layer_idx: int) -> None:
     runtime = get_runtime()
     if runtime is not None:
-        runtime.score(layer_idx, hidden_states, positions)
+        runtime.save_scores(layer_idx, scores.clone())
 
 
-def _score_fake(hidden_states: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> None:
+def _save_scores_fake(hidden_states: torch.Tensor, scores: torch.Tensor, layer_idx: int) -> None:
     return None
 
 
 def _register() -> None:
-    if hasattr(torch.ops.vllm_kvzap, "score"):
+    if hasattr(torch.ops.vllm_kvzap, "save_scores"):
         return  # already defined in this process (e.g. the module was re-imported)
     direct_register_custom_op(
-        "score",
-        _score,
+        "save_scores",
+        _save_scores,
         mutates_args=["hidden_states"],
-        fake_impl=_score_fake,
+        fake_impl=_save_scores_fake,
         target_lib=_lib,
     )
 
 
 _register()
-score = torch.ops.vllm_kvzap.score
+save_scores = torch.ops.vllm_kvzap.save_scores

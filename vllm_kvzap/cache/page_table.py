@@ -21,12 +21,14 @@ exactly slots `0 .. seq_len - 1` (what vLLM's CPU kernel reads with one KV head 
   reused. With `W = 0` the new token itself is written on probation.
 A row therefore holds `ceil((K + W + surv + 1) / bs)` pages: memory follows the kept pairs.
 
-A step is planned once (`plan_step`, before the first layer's attention, after the KV connector has
-released finished and preempted requests) with bulk tensor operations over all rows of all layers:
-slots for new requests, the previous step's verdicts, compactions, page allocation and frees, and
-every layer's kernel arguments (`StepPlan`). Each layer then only indexes the plan (`write_layer`:
-moves and writes; `attention/rows.py`: the kernel call). No Python loop over requests, layers or
-heads; one host read of a few sizes per step.
+A step is planned once (`plan`, called when the KV connector binds the step, after it released
+finished and preempted requests, before the forward pass) with bulk tensor operations over all
+rows of all layers: slots for new requests, the previous step's verdicts, compactions, page
+allocation and frees, every layer's move of the tokens leaving the window (their K/V were written
+in earlier steps), and every layer's kernel arguments (`StepPlan`). A layer then only indexes the
+plan (`write_layer`: the step's K/V and scores; `attention/rows.py`: the kernel call). No Python
+loop over requests, layers or heads, and no host synchronisation inside a layer's forward; a few
+host reads of sizes per step, in the plan.
 """
 
 from __future__ import annotations
@@ -60,9 +62,15 @@ class StepPlan:
     max_query_len: int
     query_perm: torch.Tensor | None  # [T * H]: row order -> (token, head) order; None = identity
     write_slots: torch.Tensor  # [L, T * H] int64: physical slot of (token, head)
-    move_src: torch.Tensor  # [L, M] int64: physical slots of the tokens leaving the window
-    move_dst: torch.Tensor  # [L, M] int64: their probation slots
-    scheduler_metadata: list | None = None  # per layer, filled by attention/rows.py
+
+
+# Row state fields: pages held; prompt survivors (the ring starts after them); decoding survivors
+# (after the ring); resident slots in the last step; pruned pairs; the probation token's verdict.
+ROW_FIELDS = ("num_pages", "base", "surv", "seq_len", "pruned", "pending")
+NUM_PAGES, BASE, SURV, SEQ_LEN, PRUNED, PENDING = range(len(ROW_FIELDS))
+# `pending`: none; kept; pruned (known at plan time, from the score the token got when written);
+# to be read from its score at the next plan (window 0: the token was written in that step)
+PEND_NONE, PEND_KEEP, PEND_PRUNE, PEND_SCORE = range(4)
 
 
 class PageTable:
@@ -112,12 +120,11 @@ class PageTable:
         L, S, H = self.num_layers, max_slots, num_heads
         self.max_pages = -(-(max_model_len + 1) // block_size)
         self.pages = torch.zeros(L, S, H, self.max_pages, dtype=torch.int32)
-        self.num_pages = torch.zeros(L, S, H, dtype=torch.int64)
-        self.base = torch.zeros(L, S, H, dtype=torch.int64)  # prompt survivors (ring start)
-        self.surv = torch.zeros(L, S, H, dtype=torch.int64)  # decoding survivors after the ring
-        self.pending = torch.zeros(L, S, H, dtype=torch.bool)  # a token on probation
-        self.pruned = torch.zeros(L, S, H, dtype=torch.int64)
-        self.seq_len = torch.zeros(L, S, H, dtype=torch.int64)  # resident slots in the last step
+        # per row, packed so that a step gathers and scatters them at once (`ROW_FIELDS`)
+        self.state = torch.zeros(L, S, H, len(ROW_FIELDS), dtype=torch.int64)
+        self.num_pages, self.base, self.surv, self.seq_len, self.pruned, self.pending = (
+            self.state.unbind(-1)
+        )
         self.num_tokens = torch.zeros(S, dtype=torch.int64)
         self.shift = torch.zeros(S, dtype=torch.int64)
         self.dense = torch.ones(S, dtype=torch.bool)
@@ -128,6 +135,10 @@ class PageTable:
         self.free_slots = torch.arange(S - 1, -1, -1, dtype=torch.int64)
         self.num_free_slots = S
         self._planned: tuple[StepRows, StepPlan] | None = None
+        self._report: tuple[torch.Tensor, ...] | None = None  # the last step's, for `reports`
+        self._layer_idx = torch.arange(L).view(-1, 1, 1)
+        self._head_idx = torch.arange(H).view(1, 1, -1)
+        self._row_starts = torch.arange(S * H + 1, dtype=torch.int32)  # decode rows: one query each
 
     # ------------------------------------------------------------------ pool
     def _alloc(self, n: int) -> torch.Tensor:
@@ -151,14 +162,18 @@ class PageTable:
         mask = (cols >= lo[..., None]) & (cols < upto[..., None])
         return self.pages[layer[..., None], slot[..., None], head[..., None], cols][mask]
 
+    def _page_of(self, slot: torch.Tensor, logical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page ids, offsets) of logical slots [L, X, H, *rest] of request slots [X]."""
+        extra = (1,) * (logical.dim() - 3)
+        layer = self._layer_idx.view(-1, 1, 1, *extra)
+        head = self._head_idx.view(1, 1, -1, *extra)
+        col = (logical // self.block_size).clamp_(max=self.max_pages - 1)
+        return self.pages[layer, slot.view(1, -1, 1, *extra), head, col], logical % self.block_size
+
     def _phys(self, slot: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
         """Physical slots of logical slots [L, X, H, *rest] of request slots [X]."""
-        extra = (1,) * (logical.dim() - 3)
-        layer = torch.arange(self.num_layers).view(-1, 1, 1, *extra)
-        head = torch.arange(self.num_heads).view(1, 1, -1, *extra)
-        col = (logical // self.block_size).clamp(max=self.max_pages - 1)
-        page = self.pages[layer, slot.view(1, -1, 1, *extra), head, col].long()
-        return page * self.block_size + logical % self.block_size
+        page, offset = self._page_of(slot, logical)
+        return page.long() * self.block_size + offset
 
     # ------------------------------------------------------------------ requests
     def release_keys(self, keys: list[int]) -> None:
@@ -176,9 +191,7 @@ class PageTable:
         head = torch.arange(H)[None, None, :].expand_as(layer)
         sl = slots[None, :, None].expand_as(layer)
         self._free(self._row_pages(layer, sl, head, self.num_pages[:, slots]))
-        for t in (self.num_pages, self.base, self.surv, self.pruned, self.seq_len):
-            t[:, slots] = 0
-        self.pending[:, slots] = False
+        self.state[:, slots] = 0
         self.num_tokens[slots] = 0
         self.shift[slots] = 0
         self.dense[slots] = True
@@ -215,14 +228,18 @@ class PageTable:
         keep = adakv_keep(scores, lengths, self.ratio, self.alpha)
         return keep.permute(1, 0, 3, 2)
 
-    def _settle(self, slots: torch.Tensor) -> None:
-        """Judge last step's probation tokens (kept -> survivor, pruned -> slot reused)."""
-        pending = self.pending[:, slots]
-        logical = self.base[:, slots] + self.window + self.surv[:, slots]
-        keep = self._keep(self._phys(slots, logical), slots)
-        self.surv[:, slots] += (pending & keep).long()
-        self.pruned[:, slots] += (pending & ~keep).long()
-        self.pending[:, slots] = False
+    def _settle(self, slots: torch.Tensor) -> torch.Tensor:
+        """Apply last step's verdicts on the probation tokens (kept -> survivor, pruned -> its
+        slot is reused); returns the rows' state [L, B, H, fields], not yet written back."""
+        st = self.state[:, slots]
+        pend = st[..., PENDING]
+        if self.window == 0:  # judged from the score its own step wrote
+            keep = self._keep(self._phys(slots, st[..., BASE] + st[..., SURV]), slots)
+            pend = torch.where(pend == PEND_SCORE, PEND_PRUNE - keep.long(), pend)
+        st[..., SURV] += pend == PEND_KEEP
+        st[..., PRUNED] += pend == PEND_PRUNE
+        st[..., PENDING] = PEND_NONE
+        return st
 
     def _compact(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
         """End of the prompt: judge every token older than the window, keep survivors + window."""
@@ -251,6 +268,9 @@ class PageTable:
         self.surv[:, slots] = 0
         self.shift[slots] = shift
         self.dense[slots] = False
+        # the dense prompt is a request's peak until decoding outgrows it (pages never shrink
+        # while decoding: a pruned probation slot is reused)
+        self.peak_pages[slots] = self.num_pages[:, slots].sum((0, 2))
         # give back the prompt's spare pages (the step's allocation adds what it needs)
         in_ring = (num_tokens - shift)[None, :, None]
         need = -(-(survivors + in_ring) // bs)
@@ -262,15 +282,17 @@ class PageTable:
         self.num_pages[:, slots] = torch.minimum(have, need)
 
     def _move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy the pairs (and their scores) at physical slots src to dst (gather, then scatter)."""
+        """Copy the pairs and their scores at physical slots src to dst (gather, then scatter)."""
         bs = self.block_size
-        sp, so, dp, do = src // bs, src % bs, dst // bs, dst % bs
+        self.slot_scores[dst] = self.slot_scores[src]
+        self._move_pairs(src // bs, src % bs, dst // bs, dst % bs)
+
+    def _move_pairs(self, sp, so, dp, do) -> None:
+        """Copy the K/V pairs at (page, offset) sp, so to dp, do, in vLLM's CPU page layout."""
         keys = self._keys_t[sp, :, so]  # [M, D] (advanced indexing copies)
         values = self._values[sp, so]
-        scores = self.slot_scores[src]
         self._keys_t[dp, :, do] = keys
         self._values[dp, do] = values
-        self.slot_scores[dst] = scores
 
     # ------------------------------------------------------------------ the step
     def plan(self, rows: StepRows) -> StepPlan:
@@ -292,78 +314,87 @@ class PageTable:
             self._release_slots(stale[stale >= 0])
             self._assign_slots(keys[fresh])
             slots = self.slot_of_key[keys]
-        self._settle(slots)
-        decode = (qlens == 1) & ~rows.is_prefilling
-        compacting = decode & self.dense[slots]
-        if bool(compacting.any()):
-            self._compact(slots[compacting], computed[compacting])
+        st = self._settle(slots)
         dense = self.dense[slots]  # [B]
+        compacting = dense & (qlens == 1) & ~rows.is_prefilling
+        if bool(compacting.any()):  # first decoding step: compact the prompt first
+            self.state[:, slots] = st
+            self._compact(slots[compacting], computed[compacting])
+            st, dense = self.state[:, slots], self.dense[slots]
+        any_dense = bool(dense.any())
+        npg, base, surv = st[..., NUM_PAGES], st[..., BASE], st[..., SURV]
 
         # this step's logical slots and lengths, per (layer, request, head)
-        base, surv = self.base[:, slots], self.surv[:, slots]
         in_ring = computed - self.shift[slots]  # tokens in the ring before this step
         if W > 0:
             leaving = ~dense & (in_ring >= W)  # [B]: a token leaves the window now
             new_logical = base + (in_ring % W)[None, :, None]  # decoding rows: its ring slot
-            probation = leaving
+            seq = base + surv + torch.where(leaving, W + 1, in_ring + 1)[None, :, None]
         else:  # the new token itself goes on probation
-            leaving = torch.zeros_like(dense)
+            leaving = None
             new_logical = base + surv
-            probation = ~dense
-        seq = torch.where(
-            dense[None, :, None],
-            (computed + qlens)[None, :, None].expand(L, B, H),
-            base + torch.clamp(in_ring + 1, max=W)[None, :, None] + surv
-            + probation[None, :, None].long(),
-        )  # fmt: skip
+            seq = new_logical + 1
+        if any_dense:
+            seq = torch.where(dense[None, :, None], (computed + qlens)[None, :, None], seq)
 
         # pages: allocate what the step needs (compaction already gave back the spare ones)
-        need = -(-seq // bs)
-        have = self.num_pages[:, slots]
-        deficit = (need - have).clamp(min=0).flatten()
+        need = (seq + bs - 1) // bs
+        deficit = (need - npg).clamp_(min=0)
         total = int(deficit.sum())
         if total:
-            layer = torch.arange(L)[:, None, None].expand(L, B, H).flatten()
-            head = torch.arange(H)[None, None, :].expand(L, B, H).flatten()
-            slot_f = slots[None, :, None].expand(L, B, H).flatten()
-            rep = torch.repeat_interleave(torch.arange(deficit.numel()), deficit)
-            start = deficit.cumsum(0) - deficit
-            col = have.flatten()[rep] + torch.arange(total) - start[rep]
-            self.pages[layer[rep], slot_f[rep], head[rep], col] = self._alloc(total)
-        self.num_pages[:, slots] = torch.maximum(have, need)
-        self.seq_len[:, slots] = seq
-        self.pending[:, slots] = probation[None, :, None].expand(L, B, H)
+            self._grow(slots, npg, deficit.flatten(), total)
+        npg = torch.maximum(npg, need)
 
-        # moves: the leaving token's ring slot -> the probation slot
-        mover = leaving.nonzero().squeeze(1)
-        move_src = self._phys(slots[mover], new_logical[:, mover]).flatten(1)
-        move_dst = self._phys(slots[mover], (base + W + surv)[:, mover]).flatten(1)
+        # the ring slots the new tokens take, and verdicts for the tokens leaving them
+        if W > 0:
+            # [L, B, H, 2]: the new token's ring slot (holding the leaving token until this
+            # step writes), and the probation slot the leaving token moves to
+            page, offset = self._page_of(slots, torch.stack((new_logical, base + W + surv), -1))
+            phys_new = page[..., 0].long() * bs + offset[..., 0]
+            keep = self.slot_scores[phys_new] >= self.threshold[slots][None, :, None]
+            pend = torch.where(leaving[None, :, None], PEND_PRUNE - keep.long(), PEND_NONE)
+            if bool(leaving.all()):  # all layers' leaving tokens -> their probation slots
+                self._move_pairs(page[..., 0], offset[..., 0], page[..., 1], offset[..., 1])
+            elif bool(leaving.any()):
+                page, offset = page[:, leaving], offset[:, leaving]
+                self._move_pairs(page[..., 0], offset[..., 0], page[..., 1], offset[..., 1])
+        else:
+            phys_new = self._phys(slots, new_logical)  # [L, B, H]
+            pend = torch.where(dense, PEND_NONE, PEND_SCORE)[None, :, None].expand(L, B, H)
+        self.state[:, slots] = torch.stack((npg, base, surv, seq, st[..., PRUNED], pend), -1)
+        held = npg.sum((0, 2))
+        next_pages = torch.maximum(npg, (seq + bs) // bs).sum((0, 2))
+        self._report = (keys, held, next_pages, dense)
 
         # writes: (token, head) -> physical slot, in every layer
-        tok_req = torch.repeat_interleave(torch.arange(B), qlens)
-        T = tok_req.numel()
-        tok_pos = computed[tok_req] + torch.arange(T) - rows.query_start_loc[:-1][tok_req]
-        logical = torch.where(
-            dense[tok_req][None, :, None], tok_pos[None, :, None], new_logical[:, tok_req]
-        )  # [L, T, H]
-        write_slots = self._phys(slots[tok_req], logical).flatten(1)
+        max_qlen = int(qlens.max()) if B else 0
+        if not any_dense and max_qlen == 1:
+            T = B
+            write_slots = phys_new.reshape(L, B * H)
+        else:
+            tok_req = torch.repeat_interleave(torch.arange(B), qlens)
+            T = tok_req.numel()
+            tok_pos = computed[tok_req] + torch.arange(T) - rows.query_start_loc[:-1][tok_req]
+            logical = torch.where(
+                dense[tok_req][None, :, None], tok_pos[None, :, None], new_logical[:, tok_req]
+            )  # [L, T, H]
+            write_slots = self._phys(slots[tok_req], logical).flatten(1)
 
         # kernel rows: (request, head), each with its own pages and length
         num_cols = max(1, int(need.max())) if B else 1
         block_tables = self.pages[:, slots, :, :num_cols].reshape(L, B * H, num_cols)
-        row_qlens = qlens.repeat_interleave(H)
-        row_qsl = torch.zeros(B * H + 1, dtype=torch.int32)
-        row_qsl[1:] = row_qlens.cumsum(0)
-        max_qlen = int(qlens.max()) if B else 0
         perm = None
-        if max_qlen > 1:  # entry e of row r = (b, h): token qsl[b] + e - row_qsl[r], head h
+        if max_qlen == 1:
+            row_qsl = self._row_starts[: B * H + 1]
+        else:  # entry e of row r = (b, h): token qsl[b] + e - row_qsl[r], head h
+            row_qlens = qlens.repeat_interleave(H)
+            row_qsl = torch.zeros(B * H + 1, dtype=torch.int32)
+            row_qsl[1:] = row_qlens.cumsum(0)
             row = torch.repeat_interleave(torch.arange(B * H), row_qlens)
             t = torch.arange(T * H) - row_qsl[:-1].long()[row]
             perm = (rows.query_start_loc[row // H] + t) * H + row % H
 
         self.num_tokens[slots] = computed + qlens
-        held = self.num_pages[:, slots].sum((0, 2))
-        self.peak_pages[slots] = torch.maximum(self.peak_pages[slots], held)
         return StepPlan(
             num_tokens=T,
             block_tables=block_tables,
@@ -372,16 +403,23 @@ class PageTable:
             max_query_len=max_qlen,
             query_perm=perm,
             write_slots=write_slots,
-            move_src=move_src,
-            move_dst=move_dst,
         )
 
+    def _grow(self, slots, have: torch.Tensor, deficit: torch.Tensor, total: int) -> None:
+        """Append `deficit` fresh pages to each row ([L, B, H] flattened)."""
+        L, B, H = have.shape
+        layer = self._layer_idx.expand(L, B, H).flatten()
+        head = self._head_idx.expand(L, B, H).flatten()
+        slot_f = slots[None, :, None].expand(L, B, H).flatten()
+        rep = torch.repeat_interleave(torch.arange(deficit.numel()), deficit)
+        start = deficit.cumsum(0) - deficit
+        col = have.flatten()[rep] + torch.arange(total) - start[rep]
+        self.pages[layer[rep], slot_f[rep], head[rep], col] = self._alloc(total)
+
     def write_layer(self, plan: StepPlan, layer_idx: int, key, value, scores, isa: str) -> None:
-        """Before the layer's attention: move the leaving tokens, write the step's K/V/scores."""
+        """Before the layer's attention: write the step's K/V and scores into their slots."""
         from vllm import _custom_ops as ops
 
-        if plan.move_src.shape[1]:
-            self._move(plan.move_src[layer_idx], plan.move_dst[layer_idx])
         slots = plan.write_slots[layer_idx]
         T, H, D = plan.num_tokens, self.num_heads, self.head_size
         ops.cpu_attn_reshape_and_cache(
@@ -396,21 +434,14 @@ class PageTable:
 
     # ------------------------------------------------------------------ reporting
     def reports(self) -> dict[int, ResidentReport]:
-        """Per running request (by key): pages held, most pages its next step may hold."""
-        slots = (self.key_of_slot >= 0).nonzero().squeeze(1)
-        if slots.numel() == 0:
+        """Per request of the last step (by key): pages held, most pages its next step may hold
+        (a row grows by at most one slot per step; a dense one is compacted first, which frees
+        before it allocates)."""
+        if self._report is None:
             return {}
-        pages = self.num_pages[:, slots]
-        # a row grows by at most one slot per step (a dense one is compacted first, which
-        # frees before it allocates)
-        grown = torch.maximum(pages, -(-(self.seq_len[:, slots] + 1) // self.block_size))
-        next_pages, pages = grown.sum((0, 2)), pages.sum((0, 2))
-        dense = self.dense[slots]
-        keys = self.key_of_slot[slots].tolist()
-        return {
-            k: ResidentReport(p, n, d)
-            for k, p, n, d in zip(keys, pages.tolist(), next_pages.tolist(), dense.tolist())
-        }
+        keys, held, next_pages, dense = (t.tolist() for t in self._report)
+        self._report = None
+        return {k: ResidentReport(*r) for k, *r in zip(keys, held, next_pages, dense)}
 
     def finished_counts(self, key: int) -> tuple[list[int], int, int] | None:
         """(pruned pairs per layer, peak pages, pages now) of a request, or None if unknown."""
@@ -426,7 +457,7 @@ class PageTable:
             keep = self._prompt_keep(phys, slots, torch.tensor([judged.numel()]))
             pruned = (~keep).sum((1, 2, 3))
         else:
-            self._settle(slots)
+            self.state[:, slots] = self._settle(slots)
             pruned = self.pruned[:, slot].sum(-1)
         pages = int(self.num_pages[:, slot].sum())
-        return pruned.tolist(), int(self.peak_pages[slot]), pages
+        return pruned.tolist(), max(int(self.peak_pages[slot]), pages), pages

@@ -1,0 +1,157 @@
+"""Which page size serves memory best: concurrency of the plugin per block size, vs plain vLLM.
+
+KV-bound workload at vLLM's defaults otherwise (window 128, prompts of a few hundred tokens, 64
+output tokens, greedy, `ignore_eos`) on the tiny model, a fixed KV budget in which plain vLLM
+(its own default block size) holds ~8 requests. For each block size the plugin runs at thresholds
+calibrated to pruned fractions of ~0.5 and ~0.72 (calibrated on the workload's own prompts with
+the surrogate, offline); the figure of merit is
+
+    ratio = (mean running requests, plugin / plain vLLM) / (1 / (1 - p))
+
+over the steps where requests wait for memory, with p the pruned fraction the plugin measured:
+1.0 means memory follows the kept pairs exactly. Concurrency does not depend on speed, so the tiny
+model is enough. In-process engines (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that the scheduler's
+running and waiting queues can be read after every step.
+
+    python -m benchmarks.block_size_benchmark [--block-sizes 16,32,64,128] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN, WINDOW = 64, 320, 64, 128
+PLAIN_CONCURRENT = 8  # the KV budget, in full requests of plain vLLM
+
+
+def make_prompts(seed: int = 0) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 900, (PROMPT_LEN,), generator=g).tolist() for _ in range(NUM_REQUESTS)]
+
+
+def calibrate(paths, prompts, fractions) -> list[float]:
+    """Thresholds pruning about each fraction of the pairs (only tokens older than the window at
+    the end of a request are judged: the fraction is over all its pairs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tools.make_tiny_model import capture_attention_inputs
+    from vllm_kvzap.scorers import load_surrogate
+
+    model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32).eval()
+    surrogate = load_surrogate(paths["mlp"])
+    total = PROMPT_LEN + OUTPUT_LEN - 1
+    judged_share = (total - WINDOW) / total
+    scores = []
+    for prompt in prompts[:4]:
+        inputs = capture_attention_inputs(model, torch.tensor([prompt]))
+        for layer_idx, x in enumerate(inputs):
+            s = surrogate.score(x.reshape(-1, x.shape[-1]), layer_idx)
+            scores.append(s.reshape(-1))
+    scores = torch.cat(scores).double()
+    return [float(torch.quantile(scores, min(0.999, f / judged_share))) for f in fractions]
+
+
+def run(paths, prompts, kv_bytes, block_size=None, threshold=None, stats_path=None) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from vllm_kvzap.stats import wait_for_stats
+
+    kwargs = dict(model=str(paths["model"]), dtype="float32", kv_cache_memory_bytes=kv_bytes,
+                  max_model_len=PROMPT_LEN + OUTPUT_LEN, distributed_executor_backend="uni", seed=0)
+    if threshold is not None:
+        kwargs.update(block_size=block_size, additional_config={"kv_pruning": {
+            "method": "kvzap-mlp", "threshold": threshold, "window": WINDOW,
+            "surrogate": str(paths["mlp"]), "stats_path": str(stats_path)}})  # fmt: skip
+    llm = LLM(**kwargs)
+    try:
+        engine = llm.llm_engine
+        scheduler = engine.engine_core.engine_core.scheduler
+        params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), {"prompt_token_ids": p}, params)
+        bound = []  # running requests in steps where others wait for memory
+        while engine.has_unfinished_requests():
+            engine.step()
+            if len(scheduler.waiting):
+                bound.append(len(scheduler.running))
+        result = dict(block_size=engine.vllm_config.cache_config.block_size,
+                      mean_running=sum(bound) / max(len(bound), 1), bound_steps=len(bound))
+        if threshold is not None:
+            for _ in range(3):  # finished requests are reported one step later
+                engine.step()
+            stats = wait_for_stats(stats_path, len(prompts))
+            result["pruned_fraction"] = sum(s["pruned_fraction"] for s in stats) / len(stats)
+        return result
+    finally:
+        engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--block-sizes", default="16,32,64,128")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    from tools.make_tiny_model import TINY_CONFIG, make_tiny_model
+
+    paths = make_tiny_model(Path(".cache/tiny"), seed=0)
+    prompts = make_prompts()
+    c = TINY_CONFIG
+    pair_bytes = 2 * c["head_dim"] * 4 * c["num_key_value_heads"] * c["num_hidden_layers"]
+    kv_bytes = PLAIN_CONCURRENT * (PROMPT_LEN + OUTPUT_LEN + 128) * pair_bytes
+    fractions = (0.5, 0.72)
+    thresholds = calibrate(paths, prompts, fractions)
+    plain = run(paths, prompts, kv_bytes)
+    rows = []
+    print(f"plain vLLM (block {plain['block_size']}): {plain['mean_running']:.2f} running while "
+          f"others wait")  # fmt: skip
+    print(f"{'block':>6} {'target':>7} {'pruned':>7} {'mean run':>9} {'gain':>6} {'1/(1-p)':>8} "
+          f"{'ratio':>6}")  # fmt: skip
+    for bs in (int(b) for b in args.block_sizes.split(",")):
+        for target, thr in zip(fractions, thresholds):
+            stats_path = args.out / f".block_size_stats_{bs}_{target}.jsonl"
+            stats_path.unlink(missing_ok=True)
+            r = run(paths, prompts, kv_bytes, bs, thr, stats_path)
+            stats_path.unlink(missing_ok=True)
+            p = r["pruned_fraction"]
+            gain = r["mean_running"] / plain["mean_running"]
+            r.update(target=target, threshold=thr, gain=gain, ratio=gain * (1 - p))
+            rows.append(r)
+            print(f"{bs:>6} {target:>7} {p:>7.3f} {r['mean_running']:>9.2f} {gain:>6.2f} "
+                  f"{1 / (1 - p):>8.2f} {r['ratio']:>6.2f}")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "block_size.json"
+    out.write_text(json.dumps(dict(plain=plain, plugin=rows, workload=dict(
+        requests=NUM_REQUESTS, prompt=PROMPT_LEN, output=OUTPUT_LEN, window=WINDOW,
+        kv_bytes=kv_bytes)), indent=1))  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for target in fractions:
+        pts = [r for r in rows if r["target"] == target]
+        ax.plot([r["block_size"] for r in pts], [r["ratio"] for r in pts], "o-", label=f"p~{target}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size (slots per page)")
+    ax.set_ylabel("concurrency gain / (1 / (1 - p))")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "block_size.png", dpi=120)
+    print(f"saved {out} and {args.out / 'block_size.png'}")
+
+
+if __name__ == "__main__":
+    main()
