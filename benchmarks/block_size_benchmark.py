@@ -97,6 +97,26 @@ def run(paths, prompts, kv_bytes, block_size=None, threshold=None, stats_path=No
         gc.collect()
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for target in sorted({r["target"] for r in rows}):
+        pts = [r for r in rows if r["target"] == target]
+        p = sum(r["pruned_fraction"] for r in pts) / len(pts)
+        ax.plot([r["block_size"] for r in pts], [r["ratio"] for r in pts], "o-", label=f"p = {p:.2f}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size (slots per page)")
+    ax.set_ylabel("concurrency gain / (1 / (1 - p))")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block-sizes", default="16,32,64,128")
@@ -134,22 +154,7 @@ def main() -> None:
     out.write_text(json.dumps(dict(plain=plain, plugin=rows, workload=dict(
         requests=NUM_REQUESTS, prompt=PROMPT_LEN, output=OUTPUT_LEN, window=WINDOW,
         kv_bytes=kv_bytes)), indent=1))  # fmt: skip
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for target in fractions:
-        pts = [r for r in rows if r["target"] == target]
-        ax.plot([r["block_size"] for r in pts], [r["ratio"] for r in pts], "o-", label=f"p~{target}")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("block size (slots per page)")
-    ax.set_ylabel("concurrency gain / (1 / (1 - p))")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "block_size.png", dpi=120)
+    plot(rows, args.out / "block_size.png")
     print(f"saved {out} and {args.out / 'block_size.png'}")
 
 
