@@ -4,8 +4,9 @@ Consumed by the attention backend once some of a batch's tokens have left the pr
 Cache layout (vLLM's CPU layout): `key_cache`/`value_cache` are `[num_blocks, H_kv, block_size, D]`
 views; `keep` is `[num_blocks * block_size, H_kv]` bool, one row per slot. A key at position `p` of
 request `i` is visible to that request's queries when it is causal and either `p >= judged_upto[i]`
-(not judged yet) or its keep flag is set. This is the reference twin of a future Triton kernel that
-reads per-(layer, head) page tables.
+(not judged yet) or its keep flag is set. Mask mode only: vLLM's CPU kernel reads every slot of a
+row up to its length and has no per-slot mask, so hiding pruned pairs in place (without moving
+them, as paged mode does) needs this attention of the project's own.
 """
 
 from __future__ import annotations
