@@ -196,6 +196,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
             for key, report in meta.reports.items():
                 if key in by_key:
                     self._manager.apply_report(by_key[key], report)
+            self._manager.shrink_reserve()
         for c in meta.counts:
             stats = request_stats(c.request, c.pruned_per_layer, self.num_kv_heads)
             if c.peak_pages is not None:

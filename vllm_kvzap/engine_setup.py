@@ -73,8 +73,8 @@ def default_block_size(head_size: int) -> int:
     A row's pages hold its kept pairs plus less than one page of spare slots, and a request holds
     less than one slab (layers x KV heads pages) more than it uses, so the smallest page serves
     memory best: 16 slots (vLLM's `vec16` kernel; vLLM's own CPU default is 128). Measured by
-    `benchmarks/block_size_benchmark.py` (concurrency gain / ideal, p ~ 0.5 and 0.67): 0.97 and
-    0.87 at 16, 0.89 and 0.77 at 32, 0.75 and 0.66 at 64. Head sizes must be multiples of 16.
+    `benchmarks/block_size_benchmark.py` (concurrency gain / ideal at p ~ 0.5 and 0.67; the README
+    has the table): 1.00 and 0.87 at 16, 0.95 and 0.77 at 32. Head sizes must be multiples of 16.
     """
     if head_size % 16:
         raise KVPruningConfigError(
