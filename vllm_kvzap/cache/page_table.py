@@ -350,7 +350,8 @@ class PageTable:
             # [L, B, H, 2]: the new token's ring slot (holding the leaving token until this
             # step writes), and the probation slot the leaving token moves to
             page, offset = self._page_of(slots, torch.stack((new_logical, base + W + surv), -1))
-            phys_new = page[..., 0].long() * bs + offset[..., 0]
+            page = page.long()
+            phys_new = page[..., 0] * bs + offset[..., 0]
             keep = self.slot_scores[phys_new] >= self.threshold[slots][None, :, None]
             pend = torch.where(leaving[None, :, None], PEND_PRUNE - keep.long(), PEND_NONE)
             if bool(leaving.all()):  # all layers' leaving tokens -> their probation slots
