@@ -59,7 +59,6 @@ class StepPlan:
     block_tables: torch.Tensor  # [L, B * H, P] int32: row (b, h) -> its pages
     seq_lens: torch.Tensor  # [L, B * H] int32: resident slots per row during the step
     row_query_start_loc: torch.Tensor  # [B * H + 1] int32
-    max_query_len: int
     query_perm: torch.Tensor | None  # [T * H]: row order -> (token, head) order; None = identity
     write_slots: torch.Tensor  # [L, T * H] int64: physical slot of (token, head)
 
@@ -90,12 +89,11 @@ class PageTable:
         self.head_size = two_d // 2
         self.window = window
         self.ratio, self.alpha = ratio, alpha  # ratio mode: AdaKV over the prompt (window 0)
-        self.device = first.device
         page_elems = block_size * two_d
         storage = first.untyped_storage()
         num_pages = storage.nbytes() // (page_elems * first.element_size())
         # [num_pages, 2 * bs * D]: the flat page; key_cache/value_cache are the kernel's views
-        self.kv_pages = torch.empty(0, dtype=first.dtype, device=self.device).set_(
+        self.kv_pages = torch.empty(0, dtype=first.dtype, device=first.device).set_(
             storage, 0, (num_pages, page_elems), (page_elems, 1)
         )
         paged = self.kv_pages.view(num_pages, 1, 2 * block_size, self.head_size)
@@ -155,12 +153,13 @@ class PageTable:
         self.free_pages[self.num_free : self.num_free + n] = ids
         self.num_free += n
 
-    def _row_pages(self, layer, slot, head, upto: torch.Tensor, start: torch.Tensor | None = None):
-        """Page ids of rows (index tensors of one shape) at columns start .. upto - 1."""
+    def _row_pages(self, slots, upto: torch.Tensor, start: torch.Tensor | None = None):
+        """Page ids of the rows [L, X, H] of request slots [X] at columns start .. upto - 1."""
         cols = torch.arange(self.max_pages)
         lo = torch.zeros_like(upto) if start is None else start
         mask = (cols >= lo[..., None]) & (cols < upto[..., None])
-        return self.pages[layer[..., None], slot[..., None], head[..., None], cols][mask]
+        layer, head = self._layer_idx[..., None], self._head_idx[..., None]
+        return self.pages[layer, slots.view(1, -1, 1, 1), head, cols][mask]
 
     def _page_of(self, slot: torch.Tensor, logical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(page ids, offsets) of logical slots [L, X, H, *rest] of request slots [X]."""
@@ -186,11 +185,7 @@ class PageTable:
     def _release_slots(self, slots: torch.Tensor) -> None:
         if slots.numel() == 0:
             return
-        L, H = self.num_layers, self.num_heads
-        layer = torch.arange(L)[:, None, None].expand(L, slots.numel(), H)
-        head = torch.arange(H)[None, None, :].expand_as(layer)
-        sl = slots[None, :, None].expand_as(layer)
-        self._free(self._row_pages(layer, sl, head, self.num_pages[:, slots]))
+        self._free(self._row_pages(slots, self.num_pages[:, slots]))
         self.state[:, slots] = 0
         self.num_tokens[slots] = 0
         self.shift[slots] = 0
@@ -275,10 +270,7 @@ class PageTable:
         in_ring = (num_tokens - shift)[None, :, None]
         need = -(-(survivors + in_ring) // bs)
         have = self.num_pages[:, slots]
-        L, C, H = need.shape
-        layer = torch.arange(L)[:, None, None].expand(L, C, H)
-        head = torch.arange(H)[None, None, :].expand(L, C, H)
-        self._free(self._row_pages(layer, slots[None, :, None].expand(L, C, H), head, have, need))
+        self._free(self._row_pages(slots, have, need))
         self.num_pages[:, slots] = torch.minimum(have, need)
 
     def _move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -354,10 +346,9 @@ class PageTable:
             phys_new = page[..., 0] * bs + offset[..., 0]
             keep = self.slot_scores[phys_new] >= self.threshold[slots][None, :, None]
             pend = torch.where(leaving[None, :, None], PEND_PRUNE - keep.long(), PEND_NONE)
-            if bool(leaving.all()):  # all layers' leaving tokens -> their probation slots
-                self._move_pairs(page[..., 0], offset[..., 0], page[..., 1], offset[..., 1])
-            elif bool(leaving.any()):
-                page, offset = page[:, leaving], offset[:, leaving]
+            if bool(leaving.any()):  # all layers' leaving tokens -> their probation slots
+                if not bool(leaving.all()):
+                    page, offset = page[:, leaving], offset[:, leaving]
                 self._move_pairs(page[..., 0], offset[..., 0], page[..., 1], offset[..., 1])
         else:
             phys_new = self._phys(slots, new_logical)  # [L, B, H]
@@ -401,7 +392,6 @@ class PageTable:
             block_tables=block_tables,
             seq_lens=seq.reshape(L, B * H).to(torch.int32),
             row_query_start_loc=row_qsl,
-            max_query_len=max_qlen,
             query_perm=perm,
             write_slots=write_slots,
         )
