@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -119,6 +120,26 @@ def test_chat_completion_with_pruning(server):
     assert resp["choices"][0]["message"]["content"] is not None
     stats = wait_for_stats(server["stats_path"], resp["id"])
     assert stats["num_prompt_tokens"] == resp["usage"]["prompt_tokens"]
+
+
+def test_per_request_threshold_through_vllm_xargs(server):
+    body = {"model": "tiny", "prompt": "The river runs through the valley " * 12, "max_tokens": 8,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    resp = post(f"{server['base']}/v1/completions", {**body, "vllm_xargs": {"kv_pruning": "none"}})
+    stats = wait_for_stats(server["stats_path"], resp["id"])
+    assert stats["pruned_fraction"] == 0.0  # the engine's -4 prunes this prompt (test above)
+    assert stats["threshold"] == float("-inf") and stats["per_request"] is True
+
+
+@pytest.mark.parametrize("bad", ["low", "inf"])
+def test_bad_per_request_value_is_http_400(server, bad):
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 2, "vllm_xargs": {"kv_pruning": bad}}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post(f"{server['base']}/v1/completions", body)
+    assert e.value.code == 400
+    assert 'extra_args["kv_pruning"]' in json.loads(e.value.read())["error"]["message"]
+    ok = post(f"{server['base']}/v1/completions", {**body, "vllm_xargs": {"kv_pruning": -5}})
+    assert ok["usage"]["completion_tokens"] == 2
 
 
 def test_prometheus_metrics_report_pruning(server):

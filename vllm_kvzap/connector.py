@@ -10,6 +10,9 @@ request's pruned pairs per layer (from its pages, or in mask mode from the keep 
 the freed requests' pages, and returns the counts with the step's output; the scheduler side then
 writes the statistics (`stats.py`) and feeds the metrics (`metrics.py`). The engine runs one more
 (possibly empty) step after a request finishes, so every finished request is reported.
+Per-request thresholds/ratios (`request_options.py`) go scheduler -> worker with the step that
+schedules a request for the first time or resumes it after a preemption, keyed by its first block;
+the page table gives them to the request's slot when the request takes it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class KVzapConnectorMetadata(KVConnectorMetadata):
     finished: list[FinishedRequest] = field(default_factory=list)
     freed_keys: list[int] = field(default_factory=list)  # paged mode: finished or preempted
     block_size: int = 0
+    # paged mode: request key -> its own threshold (ratio in ratio mode), for requests that start
+    # (or restart after a preemption) in this step
+    request_values: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +78,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         self._finished: list[FinishedRequest] = []
         self._counts: list[FinishedCounts] = []
         self._manager: KVzapBlockManager | None = None
+        self._request_values: dict[str, float] = {}  # scheduler side: by engine request id
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._recorder = (
             StatsRecorder.from_config(self.pruning)
@@ -112,6 +119,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                 self._counts.append(FinishedCounts(req, *found))
         if pages is not None:
             pages.release_keys(connector_metadata.freed_keys)
+            pages.set_request_values(connector_metadata.request_values)
             # plan the step the metadata builder just described (once: the layers reuse it)
             rows, runtime.next_rows = runtime.next_rows, None
             if rows is not None:
@@ -167,7 +175,27 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         freed = [key for _, key in self._manager.take_freed()] if self._manager else []
         meta = KVzapConnectorMetadata(self._finished, freed, block_size)
         self._finished = []
+        if self.pruning.paged:
+            meta.request_values = self._starting_request_values(scheduler_output)
         return meta
+
+    def _starting_request_values(self, scheduler_output) -> dict[int, float]:
+        """Per-request values of the requests that take a slot in this step, by key."""
+        from vllm_kvzap.request_options import request_value
+
+        values = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            params = new.sampling_params
+            value = request_value(params.extra_args if params else None, self.pruning)
+            if value is not None:
+                self._request_values[new.req_id] = value
+                values[new.block_ids[0][0]] = value
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id in cached.resumed_req_ids:
+            if req_id in self._request_values:
+                blocks = cached.new_block_ids[cached.req_ids.index(req_id)]
+                values[blocks[0][0]] = self._request_values[req_id]
+        return values
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
         self._finished.append(
@@ -179,6 +207,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_output_tokens=request.num_output_tokens,
                 num_kv_tokens=request.num_computed_tokens,
+                value=self._request_values.pop(request.request_id, None),
             )
         )
         return False, None
@@ -211,7 +240,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                     resident_kv_bytes_end=c.end_pages * page_bytes,
                     dense_kv_bytes=dense_pages * page_bytes,
                 )
-            self._recorder.record(stats, self.num_kv_heads)
+            self._recorder.record(stats, self.num_kv_heads, c.request.value)
             self._counters["finished_requests"] += 1
             self._counters["pruned_pairs"] += sum(c.pruned_per_layer)
             num_layers = len(c.pruned_per_layer)

@@ -1,13 +1,17 @@
 """The only monkey patches of the plugin, all in one place and guarded by vLLM's version.
 
-vLLM 0.32 has no official hook for three things the plugin needs:
+vLLM 0.32 has no official hook for four things the plugin needs:
 - extra CLI flags (`EngineArgs.add_cli_args` is wrapped; vLLM loads general plugins before it
   builds the parser precisely so that plugins can extend it), and carrying their values into
   `additional_config` (`EngineArgs.from_cli_args`);
 - adjusting the engine configuration when pruning is on (`EngineArgs.create_engine_config`):
   turning off what assumes every token stays resident, naming the plugin's KV connector, and
   checking the surrogate against the model before any engine process starts;
-- reaching the built model to install the scoring hooks (`BaseModelLoader.load_model`).
+- reaching the built model to install the scoring hooks (`BaseModelLoader.load_model`);
+- validating per-request options against the engine's pruning config at intake
+  (`InputProcessor._build_logits_processors_params_validator`: the validator vLLM runs on every
+  request's `SamplingParams` in the front end; logits processors' own `validate_params` is a
+  classmethod that cannot see the engine's config).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import vllm
+from vllm.exceptions import VLLMValidationError
 
 from vllm_kvzap.config import ADDITIONAL_CONFIG_KEY, KVPruningConfig
 
@@ -29,6 +34,7 @@ def apply() -> None:
         )
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.v1.engine.input_processor import InputProcessor
 
     if getattr(EngineArgs.create_engine_config, "_kvzap", False):
         return
@@ -36,6 +42,9 @@ def apply() -> None:
     EngineArgs.from_cli_args = classmethod(_wrap_from_cli_args(EngineArgs.from_cli_args.__func__))
     EngineArgs.create_engine_config = _wrap_create_engine_config(EngineArgs.create_engine_config)
     BaseModelLoader.load_model = _wrap_load_model(BaseModelLoader.load_model)
+    InputProcessor._build_logits_processors_params_validator = _wrap_params_validator(
+        InputProcessor._build_logits_processors_params_validator
+    )
 
 
 def _mark(fn):
@@ -97,3 +106,32 @@ def _wrap_load_model(orig):
         return model
 
     return _mark(load_model)
+
+
+class KVPruningRequestError(VLLMValidationError, ValueError):
+    """A bad per-request option: an HTTP 400 on the API, a `ValueError` offline."""
+
+
+def _wrap_params_validator(orig):
+    @functools.wraps(orig)
+    def build_validator(self):
+        from vllm_kvzap.config import KVPruningConfigError
+        from vllm_kvzap.request_options import REQUEST_KEY, request_value
+
+        validate = orig(self)
+        pruning = KVPruningConfig.from_additional_config(self.vllm_config.additional_config)
+
+        def validate_params(params) -> None:
+            validate(params)
+            extra = getattr(params, "extra_args", None)
+            if extra and REQUEST_KEY in extra:
+                try:
+                    request_value(extra, pruning)
+                except KVPruningConfigError as e:
+                    raise KVPruningRequestError(
+                        str(e), parameter=f"extra_args.{REQUEST_KEY}", value=extra[REQUEST_KEY]
+                    ) from None
+
+        return validate_params
+
+    return _mark(build_validator)

@@ -8,7 +8,8 @@ Each line also records the decision rule (`StatsRecorder.from_config`): `method`
 ("threshold" or "ratio") and its parameters (`threshold` and `window`, or `ratio` and `alpha`); in
 ratio mode, where only the prompt is pruned, `prompt_pruned_fraction` = mean over layers of pruned
 pairs / (H_kv x prompt tokens), which is the ratio asked for up to rounding (`n_kept` is an
-integer).
+integer). A request that gave its own threshold or ratio (`request_options.py`) has that value in
+its line, with `"per_request": true`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class FinishedRequest:
     num_prompt_tokens: int
     num_output_tokens: int
     num_kv_tokens: int  # tokens whose KV was computed
+    value: float | None = None  # its own threshold (ratio in ratio mode), if it gave one
 
 
 def wait_for_stats(path, expected: int, timeout_s: float = 30.0) -> list[dict]:
@@ -96,9 +98,14 @@ class StatsRecorder:
             return f"{self.method}, ratio {self.settings['ratio']:g}"
         return self.method
 
-    def record(self, stats: dict, num_kv_heads: int) -> None:
+    def record(self, stats: dict, num_kv_heads: int, value: float | None = None) -> None:
+        """`value`: the request's own threshold (ratio in ratio mode), which the line records in
+        place of the engine's, with `"per_request": true`."""
         if self.settings:
             stats = {**stats, "method": self.method, **self.settings}
+            if value is not None:
+                stats["ratio" if self.settings["rule"] == "ratio" else "threshold"] = value
+                stats["per_request"] = True
             if self.settings.get("rule") == "ratio":
                 pairs = num_kv_heads * stats["num_prompt_tokens"]
                 per_layer = [c / pairs if pairs else 0.0 for c in stats["pruned_pairs_per_layer"]]

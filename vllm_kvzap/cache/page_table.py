@@ -127,7 +127,14 @@ class PageTable:
         self.shift = torch.zeros(S, dtype=torch.int64)
         self.dense = torch.ones(S, dtype=torch.bool)
         self.peak_pages = torch.zeros(S, dtype=torch.int64)
-        self.threshold = torch.full((S,), float(threshold), dtype=torch.float32)
+        # each slot's threshold (ratio in ratio mode): the engine's, or its request's own, which
+        # `set_request_values` parks by key until the request takes a slot. Thresholds compare in
+        # float32 as kvpress's (a Python float against float32 scores); ratios stay float64
+        # (`adakv_counts`: 0.3 in float32 is another number).
+        self.default_value = float(threshold if ratio is None else ratio)
+        vdtype = torch.float32 if ratio is None else torch.float64
+        self.slot_value = torch.full((S,), self.default_value, dtype=vdtype)
+        self.key_value = torch.full((num_blocks,), float("nan"), dtype=vdtype)
         self.key_of_slot = torch.full((S,), -1, dtype=torch.int64)
         self.slot_of_key = torch.full((num_blocks,), -1, dtype=torch.int64)
         self.free_slots = torch.arange(S - 1, -1, -1, dtype=torch.int64)
@@ -197,6 +204,13 @@ class PageTable:
         self.free_slots[self.num_free_slots : self.num_free_slots + n] = slots
         self.num_free_slots += n
 
+    def set_request_values(self, values: dict[int, float]) -> None:
+        """Own thresholds (ratios) of requests that take a slot in the next plan, by key."""
+        if values:
+            self.key_value[torch.tensor(list(values))] = torch.tensor(
+                list(values.values()), dtype=self.key_value.dtype
+            )
+
     def _assign_slots(self, keys: torch.Tensor) -> None:
         n = keys.numel()
         if n > self.num_free_slots:
@@ -205,11 +219,17 @@ class PageTable:
         slots = self.free_slots[self.num_free_slots : self.num_free_slots + n].clone()
         self.slot_of_key[keys] = slots
         self.key_of_slot[slots] = keys
+        own = self.key_value[keys]
+        self.slot_value[slots] = torch.where(own.isnan(), self.default_value, own)
+        self.key_value[keys] = float("nan")
 
     # ------------------------------------------------------------------ verdicts
     def _keep(self, phys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Keep decisions of the pairs at physical slots [L, X, H, ...] of request slots [X]."""
-        thr = self.threshold[slots].view(1, -1, *([1] * (phys.dim() - 2)))
+        """Keep decisions of the pairs at physical slots [L, X, H, ...] of request slots [X]
+        (ratio mode: every generated pair is kept)."""
+        if self.ratio is not None:
+            return torch.ones(phys.shape, dtype=torch.bool)
+        thr = self.slot_value[slots].view(1, -1, *([1] * (phys.dim() - 2)))
         return self.slot_scores[phys] >= thr
 
     def _prompt_keep(self, phys: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor):
@@ -220,7 +240,7 @@ class PageTable:
         from vllm_kvzap.scorers.adakv import adakv_keep
 
         scores = self.slot_scores[phys].permute(1, 0, 3, 2)  # [C, L, T, H]
-        keep = adakv_keep(scores, lengths, self.ratio, self.alpha)
+        keep = adakv_keep(scores, lengths, self.slot_value[slots], self.alpha)
         return keep.permute(1, 0, 3, 2)
 
     def _settle(self, slots: torch.Tensor) -> torch.Tensor:
@@ -344,7 +364,7 @@ class PageTable:
             page, offset = self._page_of(slots, torch.stack((new_logical, base + W + surv), -1))
             page = page.long()
             phys_new = page[..., 0] * bs + offset[..., 0]
-            keep = self.slot_scores[phys_new] >= self.threshold[slots][None, :, None]
+            keep = self._keep(phys_new, slots)
             pend = torch.where(leaving[None, :, None], PEND_PRUNE - keep.long(), PEND_NONE)
             if bool(leaving.any()):  # all layers' leaving tokens -> their probation slots
                 if not bool(leaving.all()):

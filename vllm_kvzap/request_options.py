@@ -1,0 +1,112 @@
+"""Per-request pruning options: ``SamplingParams.extra_args["kv_pruning"]``.
+
+Data flow: a request carries its own value of the engine's rule -> **validated at intake (this
+module, called from vLLM's request validation in the front end: a bad value is a `ValueError`,
+an HTTP 400 on the OpenAI API)** -> the scheduler side of the KV connector reads it when the request
+is scheduled (first time, or again after a preemption) and sends it with the step's metadata, keyed
+by the request's first block -> the page table (`cache/page_table.py`) gives the request's batch slot
+that threshold (or ratio) when it takes the slot.
+
+Accepted values of ``extra_args["kv_pruning"]``:
+
+- a number (or a numeric string, e.g. ``"-inf"``): the request's threshold (threshold mode) or
+  ratio (ratio mode), with the same bounds as the engine-level option;
+- ``"none"``: no pair of this request is pruned (threshold ``-inf``; ratio ``0``);
+- a dict ``{"threshold": t}``, ``{"ratio": r}`` or ``{"method": "none"}`` (``method`` may also name
+  the engine's own method, which changes nothing).
+
+The OpenAI API's ``vllm_xargs`` holds flat values only: ``"vllm_xargs": {"kv_pruning": -3.5}``.
+Everything else is refused: a ratio for a threshold engine or the reverse, a threshold for the
+``window`` baseline (it has no scores to compare), per-request options in mask mode, another
+method (scoring is per engine), and any option on an engine without pruning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from vllm_kvzap.config import (
+    KVPruningConfig,
+    KVPruningConfigError,
+    _parse_threshold,
+    parse_ratio,
+)
+
+REQUEST_KEY = "kv_pruning"
+OFF = "none"
+_WHERE = f'extra_args["{REQUEST_KEY}"]'
+
+
+def request_value(extra_args: dict | None, config: KVPruningConfig) -> float | None:
+    """The request's threshold (threshold mode) or ratio (ratio mode); None: the engine's.
+
+    Raises `KVPruningConfigError` (a `ValueError`) naming the key for anything not accepted.
+    """
+    if not extra_args or REQUEST_KEY not in extra_args:
+        return None
+    raw = extra_args[REQUEST_KEY]
+    if not config.enabled:
+        raise KVPruningConfigError(
+            f"{_WHERE} was given but this engine runs without KV pruning (start it with "
+            "--kv-pruning METHOD / additional_config={'kv_pruning': {...}})"
+        )
+    if not config.paged:
+        raise KVPruningConfigError(
+            f"{_WHERE}: per-request options need paged mode; this engine runs in mask mode"
+        )
+    option = "ratio" if config.ratio_mode else "threshold"
+    if isinstance(raw, dict):
+        unknown = sorted(set(raw) - {"threshold", "ratio", "method"})
+        if unknown:
+            raise KVPruningConfigError(
+                f"{_WHERE}: unknown option(s) {unknown}; accepted: 'threshold' or 'ratio' (the "
+                "engine's rule) or 'method': 'none'"
+            )
+        if len(raw) != 1:
+            raise KVPruningConfigError(
+                f"{_WHERE}: give exactly one of 'threshold', 'ratio', 'method', got {sorted(raw)}"
+            )
+        (name, value), = raw.items()
+        if name == "method":
+            if value == config.method:
+                return None
+            if value not in (OFF, None):
+                raise KVPruningConfigError(
+                    f'{_WHERE}["method"] may be "none" (no pruning for this request) or the '
+                    f"engine's own method {config.method!r}, not {value!r}: the scorer is chosen "
+                    "per engine"
+                )
+            return _off(config)
+        if name != option:
+            other = "threshold" if option == "ratio" else "ratio"
+            raise KVPruningConfigError(
+                f'{_WHERE}["{name}"]: this engine prunes by {option} ({config.describe_rule()}); '
+                f'give {{"{option}": ...}} instead of a {other}'
+            )
+        return _parse(value, option, config, f'{_WHERE}["{name}"]')
+    if isinstance(raw, str) and raw.strip().lower() == OFF:
+        return _off(config)
+    return _parse(raw, option, config, _WHERE)
+
+
+def _off(config: KVPruningConfig) -> float:
+    return 0.0 if config.ratio_mode else -math.inf
+
+
+def _parse(value: Any, option: str, config: KVPruningConfig, where: str) -> float:
+    if option == "threshold" and config.method == "window":
+        raise KVPruningConfigError(
+            f'{where}: the window baseline has no scores to compare with a threshold; only "none" '
+            "(no pruning for this request) is accepted"
+        )
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass  # the parsers below name the bad value
+    try:
+        return parse_ratio(value) if option == "ratio" else _parse_threshold(value)
+    except KVPruningConfigError as e:
+        raise KVPruningConfigError(f"{where}: {e}") from None
+
