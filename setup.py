@@ -12,6 +12,8 @@ setup(
     version="0.1.0",
     description="KVzap KV-cache pruning inside vLLM (plugin)",
     packages=find_packages(include=["vllm_kvzap", "vllm_kvzap.*"]),
+    # surrogates bundled for models the project trained them for (published checkpoint format)
+    package_data={"vllm_kvzap": ["surrogates/*/*.json", "surrogates/*/*.safetensors"]},
     python_requires=">=3.10",
     install_requires=["safetensors", "huggingface_hub", "numpy"],
     extras_require={

@@ -128,8 +128,8 @@ class _Layer:
     v_b: torch.Tensor | None
     o_w: torch.Tensor
     o_b: torch.Tensor | None
-    q_norm: torch.Tensor
-    k_norm: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
     post_norm: torch.Tensor
     gate_w: torch.Tensor
     up_w: torch.Tensor
@@ -137,14 +137,16 @@ class _Layer:
 
 
 class ReferenceQwen3:
-    """Qwen3ForCausalLM weights plus the explicit math of its forward pass."""
+    """Qwen3ForCausalLM weights plus the explicit math of its forward pass; also reads
+    LlamaForCausalLM (the same layer without the per-head q/k RMS norms), e.g. SmolLM2."""
 
     def __init__(self, path: Path):
         cfg = json.loads((path / "config.json").read_text())
         self.config = cfg
         arch = cfg.get("architectures") or ["Qwen3ForCausalLM"]
-        if cfg.get("model_type") not in (None, "qwen3") or "Qwen3ForCausalLM" not in arch:
-            raise ValueError(f"reference supports Qwen3ForCausalLM only, got {arch} / {cfg.get('model_type')}")
+        supported = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+        if supported.get(cfg.get("model_type") or "qwen3") not in arch:
+            raise ValueError(f"reference supports {sorted(supported.values())} only, got {arch} / {cfg.get('model_type')}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.get('hidden_act')}")
         layer_types = cfg.get("layer_types") or []
@@ -191,8 +193,8 @@ class ReferenceQwen3:
                     v_b=sd.get(a + "v_proj.bias"),
                     o_w=sd[a + "o_proj.weight"],
                     o_b=sd.get(a + "o_proj.bias"),
-                    q_norm=sd[a + "q_norm.weight"],
-                    k_norm=sd[a + "k_norm.weight"],
+                    q_norm=sd.get(a + "q_norm.weight"),
+                    k_norm=sd.get(a + "k_norm.weight"),
                     post_norm=sd[p + "post_attention_layernorm.weight"],
                     gate_w=sd[p + "mlp.gate_proj.weight"],
                     up_w=sd[p + "mlp.up_proj.weight"],
@@ -228,8 +230,9 @@ class ReferenceQwen3:
         q = self.linear(x, layer.q_w, layer.q_b).view(T, self.n_heads, self.head_dim)
         k = self.linear(x, layer.k_w, layer.k_b).view(T, self.n_kv, self.head_dim)
         v = self.linear(x, layer.v_w, layer.v_b).view(T, self.n_kv, self.head_dim)
-        q = self.rms_norm(q, layer.q_norm)
-        k = self.rms_norm(k, layer.k_norm)
+        if layer.q_norm is not None:  # Qwen3; Llama has none
+            q = self.rms_norm(q, layer.q_norm)
+            k = self.rms_norm(k, layer.k_norm)
         return self.rope(q, positions), self.rope(k, positions), v
 
     def attend(self, q, k, v, q_pos, k_pos, pruned_kv: torch.Tensor | None) -> torch.Tensor:

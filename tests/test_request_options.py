@@ -53,6 +53,8 @@ def test_ratio_engine_accepts(value, want):
 def test_no_option_means_the_engines():
     assert request_value(None, cfg(**THRESHOLD_ENGINE)) is None
     assert request_value({"other": 1}, cfg(**THRESHOLD_ENGINE)) is None
+    assert request_value({"kv_pruning": None}, cfg(**THRESHOLD_ENGINE)) is None
+    assert request_value({"kv_pruning": None}, cfg()) is None
 
 
 @pytest.mark.parametrize(

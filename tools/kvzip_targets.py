@@ -15,11 +15,17 @@ and for every layer, KV head ``k`` and context token ``i`` (first copy of ``c``)
 ``a^h`` is query head ``h``'s attention (eager softmax), ``v_i`` the cached value of token ``i``
 for KV head ``k``, ``W_O^h`` the columns of ``o_proj`` that read head ``h``. ``h_j`` is, by
 default, **the self-attention input of query token j** (``input_layernorm`` output, the tensor a
-forward hook on ``self_attn`` sees as ``hidden_states``): that is what kvpress's trainer
-(``KVzapDataCollector._forward_hook``) and ``KVzipPress(kvzip_plus_normalization=True)`` divide
-by, so it is the normalisation the published checkpoints were trained on. ``query_norm="residual"``
-uses the decoder layer's input (the residual stream before ``input_layernorm``) instead. The
-surrogate input stored next to the target is the self-attention input of token ``i``.
+forward hook on ``self_attn`` sees as ``hidden_states``). ``query_norm="residual"`` uses the
+decoder layer's input (the residual stream before ``input_layernorm``) instead. The surrogate
+input stored next to the target is the self-attention input of token ``i``.
+
+**Which definition this is.** These are the targets of kvpress's KVzap trainer (``kvzap/data.py``,
+``KVzapDataCollector``: max over the repeated copy's query tokens only, full softmax over the
+sequence, then ``log``), the data the published ``nvidia/KVzap-*`` checkpoints were trained on;
+checked equal to it to ~1e-5 in log. They are **not** the scores of kvpress's
+``KVzipPress(kvzip_plus_normalization=True)``: that press takes the max over every row of its
+repeat pass (instruction and chat-template tokens included), keeps only ``n_sink`` prefix keys
+besides the context in its softmax, and applies no ``log``.
 
 Store layout (``TargetStore``): ``meta.json`` (settings + prompt fingerprint) and one
 ``{split}-{k:05d}.safetensors`` per group of prompts, holding ``x.{l} [n, D]`` (model dtype),

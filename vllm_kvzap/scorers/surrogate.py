@@ -175,6 +175,16 @@ def load_surrogate(name_or_path: str | os.PathLike[str]) -> Surrogate:
     return Surrogate.from_state_dict(config, state_dict, source=os.fspath(name_or_path))
 
 
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "surrogates"
+
+
+def bundled_checkpoint_dir(kind: str, model_name_or_path: str | os.PathLike[str]) -> Path | None:
+    """The surrogate shipped inside this package for a model, by basename:
+    ``vllm_kvzap/surrogates/KVzap-{kind}-{basename}`` (None when there is none)."""
+    path = BUNDLED_DIR / default_surrogate_id(kind, model_name_or_path).split("/", 1)[1]
+    return path if (path / "config.json").is_file() else None
+
+
 def default_surrogate_id(kind: str, model_name_or_path: str | os.PathLike[str]) -> str:
     """NVIDIA's Hub id for a model: ``nvidia/KVzap-{kind}-{basename}``."""
     if kind not in SURROGATE_KINDS:

@@ -1,0 +1,488 @@
+"""Quality vs KV pruned on a real model (SmolLM2-135M-Instruct), through vLLM with the plugin.
+
+    python -m benchmarks.quality_benchmark [--quick] [--out benchmarks/results/quality]
+
+Three tasks whose answers need the context, asked at the end of a chat prompt so that they are
+answered *during decoding*, against the pruned cache (the prompt itself is attended densely):
+
+- ``passkey``: a 5-digit pass key hidden at a random depth in repeated filler (0.5k-4k tokens);
+  correct when the answer contains it;
+- ``facts``: four "X's favourite T is V." facts spread through natural text (Python's own module
+  documentation, not part of the surrogates' training corpus), one question per fact; correct when
+  the answer contains V;
+- ``chat``: ordinary requests about a passage ("summarise", "what is it for", ...): the share of
+  the first 64 greedy tokens identical (position by position) to the unpruned answer, and the mean
+  log-prob the pruned model gives the unpruned answer (teacher-forced, vLLM's raw log-probs).
+
+Methods: ``kvzap-mlp`` / ``kvzap-linear`` (the bundled surrogates), ``knorm``, ``random`` and
+``window`` (sinks + recent window), each on the plugin's DMS machinery (window ``--window`` never
+pruned). One engine per method: every pruning level runs in the same batch, with per-request
+thresholds (``extra_args["kv_pruning"]``); ``window`` needs one engine per window size. Thresholds
+are calibrated offline (transformers, the same scores on calibration contexts of the same tasks) to
+target pruned fractions; the x axis is the fraction the plugin measured. The unpruned reference is
+the same engine with ``"none"`` per request. Prints a table, saves JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / ".cache" / "SmolLM2-135M-Instruct"
+METHODS = ("kvzap-mlp", "kvzap-linear", "knorm", "random", "window")
+FRACTIONS = (0.3, 0.5, 0.7, 0.8, 0.9)
+PASSKEY_LENS = (500, 1000, 2000, 4000)
+FACTS_LENS = (500, 1000, 2000)
+CHAT_TOKENS = 64
+ANSWER_TOKENS = 16
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+          "again. ")  # fmt: skip
+NAMES = ("Alice", "Bruno", "Chen", "Dara", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas")
+THINGS = {
+    "colour": ("red", "blue", "green", "yellow", "purple", "orange", "white", "black"),
+    "city": ("Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Delhi", "Rome", "Sydney"),
+    "animal": ("cat", "horse", "owl", "dolphin", "tiger", "rabbit", "eagle", "wolf"),
+    "fruit": ("apple", "mango", "cherry", "banana", "peach", "lemon", "grape", "plum"),
+}
+DOC_MODULES = ("json", "csv", "argparse", "statistics", "heapq", "itertools", "random", "string",
+               "collections", "logging", "textwrap", "pickle", "zipfile", "unittest", "sqlite3",
+               "email", "decimal", "fractions", "sched", "queue")  # fmt: skip
+CHAT_ASKS = (
+    "Summarise the text above in three sentences.",
+    "What is the module described above used for? Explain to a beginner.",
+    "Write a short list of the main ideas in the text above.",
+    "Explain the most important function or class described above.",
+)
+
+
+@dataclass
+class Case:
+    task: str  # passkey | facts | chat
+    length: int  # target context tokens
+    prompt: list[int]
+    answer: str = ""  # passkey / facts: the expected string
+    info: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------------
+
+
+def module_docs() -> list[str]:
+    import importlib
+
+    docs = []
+    for name in DOC_MODULES:
+        doc = (importlib.import_module(name).__doc__ or "").strip()
+        if len(doc) > 400:
+            docs.append(" ".join(doc.split()))
+    return docs
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+        return_dict=False,
+    )  # fmt: skip
+
+
+def fit_text(tokenizer, make, length: int) -> str:
+    """The text ``make(n)`` (n repeats / sentences) whose chat prompt is closest to ``length``."""
+    lo, hi = 1, 4 * length
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(chat_ids(tokenizer, make(mid))) <= length:
+            lo = mid
+        else:
+            hi = mid - 1
+    return make(lo)
+
+
+def passkey_case(tokenizer, length: int, rng: random.Random) -> Case:
+    key = str(rng.randint(10000, 99999))
+    depth = rng.uniform(0.1, 0.8)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    ask = "What is the pass key? Answer with the number only."
+
+    def make(n: int) -> str:
+        at = int(n * depth)
+        return ("There is important info hidden inside a lot of irrelevant text. Find it and "
+                "memorise it. " + FILLER * at + needle + FILLER * (n - at) + "\n\n" + ask)  # fmt: skip
+
+    text = fit_text(tokenizer, make, length)
+    return Case("passkey", length, chat_ids(tokenizer, text), key, {"depth": round(depth, 2)})
+
+
+def facts_cases(tokenizer, length: int, rng: random.Random, docs: list[str]) -> list[Case]:
+    names = rng.sample(NAMES, 4)
+    things = rng.sample(sorted(THINGS), 4)
+    facts = [(n, t, rng.choice(THINGS[t])) for n, t in zip(names, things)]
+    sentences = [s.strip() + "." for d in docs for s in d.split(". ") if len(s) > 20]
+    start = rng.randrange(len(sentences))
+    cases = []
+    for name, thing, value in facts:
+
+        def make(n: int, name=name, thing=thing) -> str:
+            body = [sentences[(start + i) % len(sentences)] for i in range(n)]
+            for j, (fn, ft, fv) in enumerate(facts):  # spread evenly, in order
+                body.insert(int(len(body) * (j + 0.5) / len(facts)) + j,
+                            f"{fn}'s favourite {ft} is {fv}.")  # fmt: skip
+            return (" ".join(body) + f"\n\nQuestion: what is {name}'s favourite {thing}? "
+                    "Answer with one word.")  # fmt: skip
+
+        text = fit_text(tokenizer, make, length)
+        cases.append(Case("facts", length, chat_ids(tokenizer, text), value,
+                          {"name": name, "thing": thing}))  # fmt: skip
+    return cases
+
+
+def chat_cases(tokenizer, docs: list[str], count: int, offset: int) -> list[Case]:
+    cases = []
+    for i in range(count):
+        passage = " ".join(docs[(offset + 2 * i + j) % len(docs)] for j in range(2))
+        text = passage + "\n\n" + CHAT_ASKS[i % len(CHAT_ASKS)]
+        ids = chat_ids(tokenizer, text)
+        cases.append(Case("chat", len(ids), ids, "", {"ask": CHAT_ASKS[i % len(CHAT_ASKS)]}))
+    return cases
+
+
+def build_cases(tokenizer, seed: int, quick: bool) -> list[Case]:
+    rng = random.Random(seed)
+    docs = module_docs()
+    passkey_lens = PASSKEY_LENS[:2] if quick else PASSKEY_LENS
+    facts_lens = FACTS_LENS[:1] if quick else FACTS_LENS
+    cases = [passkey_case(tokenizer, n, rng) for n in passkey_lens for _ in range(2)]
+    for n in facts_lens:
+        cases += facts_cases(tokenizer, n, rng, docs)
+    cases += chat_cases(tokenizer, docs, 2 if quick else 4, seed % len(docs))
+    return cases
+
+
+def is_correct(case: Case, text: str) -> bool:
+    return case.answer.lower() in text.lower()
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration (offline, transformers, on contexts of the same tasks with another seed)
+# --------------------------------------------------------------------------------------------------
+
+
+def collect_scores(model_dir: Path, surrogates: dict[str, Path], prompts: list[list[int]]):
+    """Per method, every prompt pair's score ``[layers, tokens, KV heads]`` (concatenated)."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_kvzap.scorers import load_surrogate
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg = model.config
+    inputs, keys, hooks = {}, {}, []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: inputs.__setitem__(i, kw["hidden_states"][0].float()),
+            with_kwargs=True))  # fmt: skip
+        # k_proj's output is the key before RoPE, which keeps norms: knorm's -||k||
+        hooks.append(layer.self_attn.k_proj.register_forward_hook(
+            lambda m, a, out, i=i: keys.__setitem__(i, out[0].float())))  # fmt: skip
+    loaded = {m: load_surrogate(p) for m, p in surrogates.items()}
+    scores = {m: [] for m in (*loaded, "knorm")}
+    try:
+        with torch.no_grad():
+            for ids in prompts:
+                model(input_ids=torch.tensor([ids]), use_cache=False)
+                n = len(model.model.layers)
+                for m, s in loaded.items():
+                    scores[m].append(torch.stack([s.score(inputs[i], i) for i in range(n)]))
+                scores["knorm"].append(torch.stack([
+                    -keys[i].view(len(ids), cfg.num_key_value_heads, -1).norm(dim=-1)
+                    for i in range(n)]))  # fmt: skip
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: torch.cat(v, dim=1) for m, v in scores.items()}
+
+
+def judged_share(cases: list[Case], window: int, new_tokens: int) -> float:
+    """Mean over requests of the share of their KV pairs that leave the window."""
+    shares = [max(0, len(c.prompt) + new_tokens - window) / (len(c.prompt) + new_tokens)
+              for c in cases]  # fmt: skip
+    return sum(shares) / len(shares)
+
+
+def calibrate(method: str, fraction: float, scores, share: float, cases: list[Case],
+              sinks: int, new_tokens: int) -> dict:  # fmt: skip
+    """Options whose pruned fraction is about ``fraction`` (a per-request threshold, or the window
+    size of the ``window`` baseline)."""
+    if method == "window":  # keeps sinks + window of each request: mean of min(1, kept / length)
+        lengths = [len(c.prompt) + new_tokens for c in cases]
+
+        def kept(w: int) -> float:
+            return sum(min(1.0, (w + sinks) / n) for n in lengths) / len(lengths)
+
+        lo, hi = 1, max(lengths)
+        while lo < hi:  # the smallest window that keeps at least 1 - fraction
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if kept(mid) < 1 - fraction else (lo, mid)
+        return {"window": lo}
+    q = min(0.999, fraction / share)
+    if method == "random":  # score = -u, u uniform: threshold t prunes a fraction 1 + t
+        return {"threshold": q - 1.0}
+    flat = scores[method].reshape(-1)
+    if flat.numel() > 2**24:  # torch.quantile's limit
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2**24]]
+    return {"threshold": float(torch.quantile(flat, q))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Through vLLM
+# --------------------------------------------------------------------------------------------------
+
+
+def make_llm(args, pruning: dict | None):
+    from vllm import LLM
+
+    from benchmarks.accuracy_benchmark import ForcedTokens
+
+    return LLM(
+        model=str(args.model), dtype=args.dtype, max_model_len=max(PASSKEY_LENS) + 256,
+        kv_cache_memory_bytes=args.kv_cache_mib * 2**20, enforce_eager=True, seed=0,
+        logits_processors=[ForcedTokens],
+        additional_config={"kv_pruning": pruning} if pruning else {},
+    )  # fmt: skip
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def requests_for(cases: list[Case], value, reference: dict | None) -> list[tuple]:
+    """(prompt, SamplingParams kwargs, case index, kind) of one pruning level."""
+    extra = {} if value is None else {"kv_pruning": value}
+    out = []
+    for i, c in enumerate(cases):
+        n = CHAT_TOKENS if c.task == "chat" else ANSWER_TOKENS
+        chat = c.task == "chat"  # its log-probs: the unpruned answer's, in the reference run
+        out.append((c.prompt, dict(max_tokens=n, ignore_eos=chat, logprobs=0 if chat else None,
+                                   extra_args=extra), i, "free"))  # fmt: skip
+        if c.task == "chat" and reference is not None:
+            forced = reference["tokens"][i]
+            out.append((c.prompt, dict(max_tokens=len(forced), ignore_eos=True, logprobs=0,
+                                       extra_args={**extra, "forced_tokens": forced}), i,
+                        "forced"))  # fmt: skip
+    return out
+
+
+def run_levels(llm, cases, levels: list, reference: dict | None, stats_path: Path) -> list[dict]:
+    """Every level's requests in one batch; per level: outputs, accuracy and measured pruning."""
+    from vllm import SamplingParams
+
+    from vllm_kvzap.stats import wait_for_stats
+
+    stats_path.unlink(missing_ok=True)
+    batch = [(lv, r) for lv in range(len(levels)) for r in requests_for(cases, levels[lv], reference)]
+    params = [SamplingParams(temperature=0.0, **r[1]) for _, r in batch]
+    outs = llm.generate([{"prompt_token_ids": r[0]} for _, r in batch], params, use_tqdm=True)
+    stats = {s["request_id"]: s for s in wait_for_stats(stats_path, len(outs))}
+    results = [{"tokens": {}, "texts": {}, "logprob": {}, "stats": []} for _ in levels]
+    for (lv, (_, _, i, kind)), out in zip(batch, outs):
+        res, o = results[lv], out.outputs[0]
+        if kind == "free":
+            res["tokens"][i], res["texts"][i] = list(o.token_ids), o.text
+        if o.logprobs and (kind == "forced" or reference is None):
+            lps = [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)]
+            res["logprob"][i] = sum(lps) / len(lps)
+        res["stats"].append(stats[out.request_id])
+    return [summarise(cases, r, reference) for r in results]
+
+
+def summarise(cases: list[Case], res: dict, reference: dict | None) -> dict:
+    """Scores of one level (``reference`` None: this is the unpruned reference itself)."""
+    by_task: dict[str, list[float]] = {"passkey": [], "facts": [], "chat_agreement": []}
+    for i, c in enumerate(cases):
+        if c.task == "chat":
+            ref, got = (reference or res)["tokens"][i], res["tokens"][i]
+            by_task["chat_agreement"].append(
+                sum(a == b for a, b in zip(ref, got)) / max(1, len(ref)))
+        else:
+            by_task[c.task].append(float(is_correct(c, res["texts"][i])))
+    point = {k: sum(v) / len(v) for k, v in by_task.items() if v}
+    if res["logprob"]:
+        point["chat_logprob"] = sum(res["logprob"].values()) / len(res["logprob"])
+    st = res["stats"]
+    if st:
+        point["pruned_fraction"] = sum(s["pruned_fraction"] for s in st) / len(st)
+        layers = len(st[0]["pruned_fraction_per_layer"])
+        point["pruned_fraction_per_layer"] = [
+            round(sum(s["pruned_fraction_per_layer"][j] for s in st) / len(st), 4)
+            for j in range(layers)]  # fmt: skip
+        point["kv_bytes_end_per_request"] = sum(s["resident_kv_bytes_end"] for s in st) / len(st)
+        point["dense_kv_bytes_per_request"] = sum(s["dense_kv_bytes"] for s in st) / len(st)
+    else:
+        point["pruned_fraction"] = 0.0
+    point["tokens"], point["texts"] = res["tokens"], res["texts"]
+    return point
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+METRICS = (("passkey", "passkey accuracy"), ("facts", "facts accuracy"),
+           ("chat_agreement", "chat: share of the 64 unpruned tokens"),
+           ("chat_logprob", "chat: mean log-prob of the unpruned answer"))  # fmt: skip
+
+
+def table(results: dict) -> str:
+    base = results["unpruned"]
+    head = f"{'method':>13} {'target':>6} {'pruned':>6} " + " ".join(
+        f"{k[:10]:>10}" for k, _ in METRICS)
+    rows = [head, "-" * len(head),
+            f"{'unpruned':>13} {'-':>6} {0:6.3f} "
+            + " ".join(f"{base.get(k, float('nan')):10.3f}" for k, _ in METRICS)]  # fmt: skip
+    for m, points in results["methods"].items():
+        for p in points:
+            rows.append(f"{m:>13} {p['target']:6.2f} {p['pruned_fraction']:6.3f} "
+                        + " ".join(f"{p.get(k, float('nan')):10.3f}" for k, _ in METRICS))
+    text = "\n".join(rows)
+    print(text)
+    return text
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    base = results["unpruned"]
+    for ax, (key, label) in zip(axes, METRICS):
+        for m, points in results["methods"].items():
+            pts = sorted([(0.0, base[key])] + [(p["pruned_fraction"], p[key]) for p in points])
+            ax.plot(*zip(*pts), "o-", ms=4, label=m, lw=2.2 if m.startswith("kvzap") else 1.2)
+        ax.set(xlabel="KV pairs pruned (measured by the plugin)", title=label, xlim=(0, 1))
+        if key != "chat_logprob":
+            ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M-Instruct through vLLM + vllm-kvzap (window {results['window']}, "
+                 f"{results['dtype']})", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
+    ap.add_argument("--window", type=int, default=128, help="DMS window (never pruned)")
+    ap.add_argument("--sinks", type=int, default=4, help="sink tokens of the window method")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-cache-mib", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="2 fractions, short contexts, 2 methods")
+    args = ap.parse_args(argv)
+    methods = args.methods.split(",")
+    fractions = [float(f) for f in args.fractions.split(",")]
+    if args.quick:
+        fractions, methods = [0.5, 0.8], [m for m in methods if m in ("kvzap-mlp", "window")]
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"no model at {args.model}: run `bash tools/setup_env.sh` (it converts it)")
+    from transformers import AutoTokenizer
+
+    from vllm_kvzap.scorers import bundled_checkpoint_dir
+
+    surrogates = {}
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m.startswith("kvzap"):
+            found = bundled_checkpoint_dir(m.removeprefix("kvzap-"), args.model.name)
+            if found is None:
+                raise SystemExit(f"{m}: no bundled surrogate for {args.model.name}")
+            surrogates[m] = found
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    cases = build_cases(tokenizer, args.seed, args.quick)
+    calib = build_cases(tokenizer, args.seed + 1000, quick=True)
+    share = judged_share(cases, args.window, ANSWER_TOKENS)
+    print(f"{len(cases)} cases ({sum(len(c.prompt) for c in cases)} prompt tokens); calibrating "
+          f"on {len(calib)} other contexts ...", flush=True)  # fmt: skip
+    scores = collect_scores(args.model, surrogates, [c.prompt for c in calib])
+    stats_path = args.out / "quality_stats.jsonl"
+
+    results = {"model": args.model.name, "dtype": args.dtype, "window": args.window,
+               "cases": [{"task": c.task, "prompt_tokens": len(c.prompt), "answer": c.answer,
+                          **c.info} for c in cases],
+               "methods": {}}  # fmt: skip
+    reference = None
+    for m in methods:
+        if m == "window":
+            continue
+        pruning = {"method": m, "window": args.window, "stats_path": str(stats_path)}
+        if m in surrogates:
+            pruning["surrogate"] = str(surrogates[m])
+        opts = [calibrate(m, f, scores, share, calib, args.sinks, ANSWER_TOKENS) for f in fractions]
+        llm = make_llm(args, pruning)
+        try:
+            if reference is None:  # unpruned: the same engine, "none" per request
+                reference = results["unpruned"] = run_levels(llm, cases, ["none"], None,
+                                                             stats_path)[0]  # fmt: skip
+                print(f"unpruned: {_brief(results['unpruned'])}  ({time.perf_counter() - t0:.0f} s)")
+            points = run_levels(llm, cases, [o["threshold"] for o in opts], reference, stats_path)
+        finally:
+            shutdown(llm)
+        results["methods"][m] = [{"target": f, **o, **p} for f, o, p in zip(fractions, opts, points)]
+        for p in results["methods"][m]:
+            print(f"{m:>13} target {p['target']:.2f}: {_brief(p)}  ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)  # fmt: skip
+    if "window" in methods:
+        if reference is None:
+            raise SystemExit("the window baseline needs a threshold method first (the reference)")
+        results["methods"]["window"] = []
+        for f in fractions:
+            opts = calibrate("window", f, scores, share, calib, args.sinks, ANSWER_TOKENS)
+            pruning = {"method": "window", "sinks": args.sinks, "stats_path": str(stats_path), **opts}
+            llm = make_llm(args, pruning)
+            try:
+                point = run_levels(llm, cases, [None], reference, stats_path)[0]
+            finally:
+                shutdown(llm)
+            results["methods"]["window"].append({"target": f, **opts, **point})
+            print(f"{'window':>13} target {f:.2f}: {_brief(point)}  ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)  # fmt: skip
+    stats_path.unlink(missing_ok=True)
+    results["table"] = table(results)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["command"] = "python -m benchmarks.quality_benchmark " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    (args.out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, args.out / "quality.png")
+    print(f"wrote {args.out / 'quality.json'} and {args.out / 'quality.png'} "
+          f"({results['seconds']:.0f} s)")
+    return 0
+
+
+def _brief(p: dict) -> str:
+    return (f"pruned {p['pruned_fraction']:.3f}  " + "  ".join(
+        f"{k} {p[k]:.3f}" for k, _ in METRICS if k in p))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

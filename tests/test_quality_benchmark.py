@@ -1,0 +1,67 @@
+"""The quality benchmark's tasks and scoring (no engine): prompts hold what their questions ask,
+at the lengths asked; calibration targets the fractions it claims; agreement is counted position by
+position against the unpruned answer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from benchmarks import quality_benchmark as qb
+from tools import smollm2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2.convert())
+
+
+def test_passkey_prompt_hides_the_key_at_the_length(tokenizer):
+    for length in (500, 2000):
+        case = qb.passkey_case(tokenizer, length, random.Random(length))
+        text = tokenizer.decode(case.prompt)
+        assert text.count(case.answer) == 2 and len(case.answer) == 5
+        assert length - 60 <= len(case.prompt) <= length
+        assert text.rstrip().endswith("assistant")  # the question is the last user turn
+
+
+def test_facts_prompts_hold_every_fact_and_ask_one(tokenizer):
+    cases = qb.facts_cases(tokenizer, 800, random.Random(3), qb.module_docs())
+    assert len(cases) == 4
+    facts = {(c.info["name"], c.info["thing"], c.answer) for c in cases}
+    for c in cases:
+        text = tokenizer.decode(c.prompt)
+        for name, thing, value in facts:
+            assert f"{name}'s favourite {thing} is {value}." in text
+        assert f"what is {c.info['name']}'s favourite {c.info['thing']}?" in text
+        assert qb.is_correct(c, f"It is {c.answer.upper()}.") and not qb.is_correct(c, "unknown")
+
+
+def test_window_calibration_hits_the_fraction():
+    cases = [qb.Case("passkey", n, [0] * n) for n in (500, 1000, 4000)]
+    for f in (0.3, 0.7, 0.9):
+        w = qb.calibrate("window", f, None, 1.0, cases, sinks=4, new_tokens=16)["window"]
+        kept = [min(1.0, (w + 4) / (len(c.prompt) + 16)) for c in cases]
+        assert abs((1 - sum(kept) / len(kept)) - f) < 0.01
+
+
+def test_threshold_calibration_is_the_score_quantile():
+    scores = {"knorm": torch.arange(1000, dtype=torch.float32).view(1, -1, 1)}
+    t = qb.calibrate("knorm", 0.4, scores, 0.8, [], sinks=4, new_tokens=16)["threshold"]
+    assert (scores["knorm"] < t).float().mean().item() == pytest.approx(0.5, abs=0.002)
+    assert qb.calibrate("random", 0.4, scores, 0.8, [], 4, 16)["threshold"] == pytest.approx(-0.5)
+
+
+def test_agreement_is_positionwise_against_the_reference():
+    cases = [qb.Case("chat", 10, [1, 2, 3])]
+    ref = {"tokens": {0: [5, 6, 7, 8]}}
+    res = {"tokens": {0: [5, 9, 7, 1]}, "texts": {0: ""}, "logprob": {0: -0.5},
+           "stats": [{"pruned_fraction": 0.4, "pruned_fraction_per_layer": [0.4],
+                      "resident_kv_bytes_end": 10, "dense_kv_bytes": 20}]}  # fmt: skip
+    point = qb.summarise(cases, res, ref)
+    assert point["chat_agreement"] == 0.5 and point["chat_logprob"] == -0.5
+    assert point["pruned_fraction"] == 0.4
