@@ -20,7 +20,8 @@ pruned). One engine per method: every pruning level runs in the same batch, with
 thresholds (``extra_args["kv_pruning"]``); ``window`` needs one engine per window size. Thresholds
 are calibrated offline (transformers, the same scores on calibration contexts of the same tasks) to
 target pruned fractions; the x axis is the fraction the plugin measured. The unpruned reference is
-the same engine with ``"none"`` per request. Prints a table, saves JSON and a plot.
+the same engine with ``"none"`` per request; a ``"none"`` level in each method's batch measures how
+far bfloat16 batch effects alone move the answers. Prints a table, saves JSON and a plot.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / ".cache" / "SmolLM2-135M-Instruct"
 METHODS = ("kvzap-mlp", "kvzap-linear", "knorm", "random", "window")
-FRACTIONS = (0.3, 0.5, 0.7, 0.8, 0.9)
+FRACTIONS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 PASSKEY_LENS = (500, 1000, 2000, 4000)
 FACTS_LENS = (500, 1000, 2000)
 CHAT_TOKENS = 64
@@ -212,19 +213,24 @@ def collect_scores(model_dir: Path, surrogates: dict[str, Path], prompts: list[l
     return {m: torch.cat(v, dim=1) for m, v in scores.items()}
 
 
-def judged_share(cases: list[Case], window: int, new_tokens: int) -> float:
+def kv_tokens(case: Case) -> int:
+    """Tokens whose KV a request of ``case`` holds at its end (prompt + answer)."""
+    return len(case.prompt) + (CHAT_TOKENS if case.task == "chat" else ANSWER_TOKENS)
+
+
+def judged_share(cases: list[Case], window: int) -> float:
     """Mean over requests of the share of their KV pairs that leave the window."""
-    shares = [max(0, len(c.prompt) + new_tokens - window) / (len(c.prompt) + new_tokens)
-              for c in cases]  # fmt: skip
+    shares = [max(0, kv_tokens(c) - window) / kv_tokens(c) for c in cases]
     return sum(shares) / len(shares)
 
 
 def calibrate(method: str, fraction: float, scores, share: float, cases: list[Case],
-              sinks: int, new_tokens: int) -> dict:  # fmt: skip
-    """Options whose pruned fraction is about ``fraction`` (a per-request threshold, or the window
-    size of the ``window`` baseline)."""
+              sinks: int) -> dict:  # fmt: skip
+    """Options whose pruned fraction is about ``fraction``: a per-request threshold (a quantile of
+    the calibration scores), or the window size of the ``window`` baseline (from the lengths of the
+    evaluation ``cases``, which is all it depends on)."""
     if method == "window":  # keeps sinks + window of each request: mean of min(1, kept / length)
-        lengths = [len(c.prompt) + new_tokens for c in cases]
+        lengths = [kv_tokens(c) for c in cases]
 
         def kept(w: int) -> float:
             return sum(min(1.0, (w + sinks) / n) for n in lengths) / len(lengths)
@@ -294,7 +300,10 @@ def run_levels(llm, cases, levels: list, reference: dict | None, stats_path: Pat
     batch = [(lv, r) for lv in range(len(levels)) for r in requests_for(cases, levels[lv], reference)]
     params = [SamplingParams(temperature=0.0, **r[1]) for _, r in batch]
     outs = llm.generate([{"prompt_token_ids": r[0]} for _, r in batch], params, use_tqdm=True)
-    stats = {s["request_id"]: s for s in wait_for_stats(stats_path, len(outs))}
+    stats = {s["request_id"]: s for s in wait_for_stats(stats_path, len(outs), timeout_s=120)}
+    missing = [o.request_id for o in outs if o.request_id not in stats]
+    if missing:
+        raise RuntimeError(f"no statistics line for requests {missing[:8]} in {stats_path}")
     results = [{"tokens": {}, "texts": {}, "logprob": {}, "stats": []} for _ in levels]
     for (lv, (_, _, i, kind)), out in zip(batch, outs):
         res, o = results[lv], out.outputs[0]
@@ -421,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     cases = build_cases(tokenizer, args.seed, args.quick)
     calib = build_cases(tokenizer, args.seed + 1000, quick=True)
-    share = judged_share(cases, args.window, ANSWER_TOKENS)
+    share = judged_share(cases, args.window)
     print(f"{len(cases)} cases ({sum(len(c.prompt) for c in cases)} prompt tokens); calibrating "
           f"on {len(calib)} other contexts ...", flush=True)  # fmt: skip
     scores = collect_scores(args.model, surrogates, [c.prompt for c in calib])
@@ -438,16 +447,21 @@ def main(argv: list[str] | None = None) -> int:
         pruning = {"method": m, "window": args.window, "stats_path": str(stats_path)}
         if m in surrogates:
             pruning["surrogate"] = str(surrogates[m])
-        opts = [calibrate(m, f, scores, share, calib, args.sinks, ANSWER_TOKENS) for f in fractions]
+        opts = [calibrate(m, f, scores, share, cases, args.sinks) for f in fractions]
         llm = make_llm(args, pruning)
         try:
             if reference is None:  # unpruned: the same engine, "none" per request
                 reference = results["unpruned"] = run_levels(llm, cases, ["none"], None,
                                                              stats_path)[0]  # fmt: skip
                 print(f"unpruned: {_brief(results['unpruned'])}  ({time.perf_counter() - t0:.0f} s)")
-            points = run_levels(llm, cases, [o["threshold"] for o in opts], reference, stats_path)
+            # a "none" level in the same batch: how far bfloat16 batch effects alone move the
+            # answers from the reference (run in a batch of its own)
+            control, *points = run_levels(llm, cases, ["none", *[o["threshold"] for o in opts]],
+                                          reference, stats_path)  # fmt: skip
         finally:
             shutdown(llm)
+        results.setdefault("unpruned_in_batch", {})[m] = control
+        print(f"{m:>13} unpruned in its batch: {_brief(control)}")
         results["methods"][m] = [{"target": f, **o, **p} for f, o, p in zip(fractions, opts, points)]
         for p in results["methods"][m]:
             print(f"{m:>13} target {p['target']:.2f}: {_brief(p)}  ({time.perf_counter() - t0:.0f} s)",
@@ -457,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the window baseline needs a threshold method first (the reference)")
         results["methods"]["window"] = []
         for f in fractions:
-            opts = calibrate("window", f, scores, share, calib, args.sinks, ANSWER_TOKENS)
+            opts = calibrate("window", f, scores, share, cases, args.sinks)
             pruning = {"method": "window", "sinks": args.sinks, "stats_path": str(stats_path), **opts}
             llm = make_llm(args, pruning)
             try:

@@ -16,12 +16,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.interpreter import run_in_triton_interpreter
 from vllm_kvzap.attention.rows import attend_layer
 from vllm_kvzap.cache.page_table import PageTable, StepRows
 
 L, H, G, D, NB = 2, 2, 3, 32, 48
-# vLLM's CPU kernel: pages of a multiple of 32 slots (`vec`), or of 16 (`vec16`)
+# vLLM's CPU kernel: pages of a multiple of 32 slots (`vec`), or of 16 (`vec16`), keys transposed;
+# "triton": the CUDA path's kernel (vLLM's Triton `unified_attention`, plain pages), run on CPU
+# tensors under TRITON_INTERPRET=1 in a subprocess
 LAYOUTS = [(32, "vec"), (16, "vec16")]
+TRITON = (16, "triton")
 
 
 def identity(layer: int, pos: int, head: int) -> float:
@@ -48,7 +52,9 @@ class Sim:
                         [identity(layer, p, h) for p in range(n)]
                     )
         self.buf = torch.zeros(L, NB, H, self.bs, 2 * D)
-        self.table = PageTable([self.buf[i] for i in range(L)], window, threshold, 8, 1024)
+        key_layout = "plain" if self.isa == "triton" else "transposed"
+        self.table = PageTable([self.buf[i] for i in range(L)], window, threshold, 8, 1024,
+                               key_layout=key_layout)  # fmt: skip
 
     def visible(self, r: int, layer: int, h: int, n_written: int, decoding: bool) -> set[int]:
         if not decoding:
@@ -84,7 +90,12 @@ def run_step(sim: Sim, batch: list[tuple[int, int, int, bool]]):
         scores = torch.stack([sim.scores[r, layer, p] for r, p in tok])
         table.write_layer(plan, layer, key, value, scores, sim.isa)
         out = torch.zeros(T, H * G, D)
-        attend_layer(table, plan, layer, query, out, D**-0.5, sim.isa)
+        if sim.isa == "triton":
+            from vllm_kvzap.attention.triton_rows import attend_layer_triton
+
+            attend_layer_triton(table, plan, layer, query, out, D**-0.5)
+        else:
+            attend_layer(table, plan, layer, query, out, D**-0.5, sim.isa)
         # what each row exposes, read back through the kernel's page layout
         for b, (r, c, q, pre) in enumerate(batch):
             decoding = q == 1 and not pre
@@ -93,7 +104,8 @@ def run_step(sim: Sim, batch: list[tuple[int, int, int, bool]]):
                 n_res = int(plan.seq_lens[layer, row])
                 pages = plan.block_tables[layer, row]
                 bs = sim.bs
-                ids = [float(table._keys_t[int(pages[j // bs]), 0, j % bs]) for j in range(n_res)]
+                slots = torch.arange(n_res)
+                ids = table.key_at(pages[slots // bs].long(), slots % bs)[:, 0].tolist()
                 positions = sorted(int(i - 1 - 10_000 * layer - 1_000_000 * h) for i in ids)
                 assert positions == sorted(sim.visible(r, layer, h, c + q, decoding)), (
                     r, layer, h, c, q,
@@ -126,8 +138,25 @@ def check_pool(table: PageTable) -> None:
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[isa for _, isa in LAYOUTS])
 @pytest.mark.parametrize("window", [0, 1, 5, 32, 40, 200])
 def test_rows_expose_exactly_what_dms_keeps(window, layout):
-    prompt_lens = [3, 45, 130]
-    steps = 40
+    scenario(window, layout, [3, 45, 130], steps=40)
+
+
+@pytest.mark.parametrize("window", [0, 5, 40])
+def test_cuda_path_rows_in_triton_unified_attention(window):
+    """The same scenario through the CUDA path's kernel (plain pages, torch writes, vLLM's Triton
+    `unified_attention`), on CPU tensors under the interpreter: decode rows and prompt chunks mixed,
+    GQA groups of 3, ragged lengths, windows below and above the sequences."""
+    run_in_triton_interpreter(
+        "import triton, triton.language as tl, vllm.triton_utils as tu\n"
+        "tu.triton, tu.tl, tu.HAS_TRITON = triton, tl, True  # the CPU build hands out placeholders\n"
+        "from tests.test_page_table import scenario, TRITON\n"
+        f"scenario({window}, TRITON, [3, 45, 70], steps=12)\n"
+        "print('OK')\n",
+        timeout=600,
+    )
+
+
+def scenario(window: int, layout, prompt_lens: list[int], steps: int) -> None:
     sim = Sim(prompt_lens, steps, window, seed=window, layout=layout)
     BS = sim.bs
     chunk = 50

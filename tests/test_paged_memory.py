@@ -148,10 +148,13 @@ def test_pools_return_to_their_initial_free_count(run):
 
 
 def test_preemption_recomputes_and_frees_everything(engine):
-    """A budget too small for all requests at once: some are preempted and recomputed."""
+    """A budget too small for all requests at once: some are preempted and recomputed, and keep
+    their own per-request thresholds across the restart."""
     from vllm import SamplingParams
 
-    llm, _ = engine
+    from vllm_kvzap.stats import wait_for_stats
+
+    llm, stats_path = engine
     block_pool, paged = pools(llm)
     before = (block_pool.get_num_free_blocks(), paged.num_free)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
@@ -166,13 +169,26 @@ def test_preemption_recomputes_and_frees_everything(engine):
     try:
         g = torch.Generator().manual_seed(2)
         many = [torch.randint(10, 900, (400,), generator=g).tolist() for _ in range(10)]
-        params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        values = ["none" if i % 2 else -3.0 for i in range(len(many))]
+        params = [SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True,
+                                 extra_args={"kv_pruning": v}) for v in values]  # fmt: skip
         outs = llm.generate([{"prompt_token_ids": p} for p in many], params)
         drain(llm)
     finally:
         scheduler._preempt_request = orig
     assert all(len(o.outputs[0].token_ids) == 200 for o in outs)
     assert preemptions, "the workload was meant to preempt; shrink the budget"
+    ids = {o.request_id for o in outs}
+    lines = [s for s in wait_for_stats(stats_path, 10**6, timeout_s=5) if s["request_id"] in ids]
+    stats = {s["request_id"]: s for s in lines}
+    from vllm_kvzap.connector import _external_request_id
+
+    off = {o.request_id for o, v in zip(outs, values) if v == "none"}
+    assert off & {_external_request_id(r) for r in preemptions}, "no 'none' request was preempted"
+    for out, value in zip(outs, values):  # preempted ones included: the value survives a restart
+        s = stats[out.request_id]
+        assert s["per_request"] and s["threshold"] == (float("-inf") if value == "none" else value)
+        assert (s["pruned_fraction"] == 0.0) == (value == "none")
     assert (block_pool.get_num_free_blocks(), paged.num_free) == before
     assert live_requests(paged) == 0
 

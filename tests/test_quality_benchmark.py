@@ -42,18 +42,20 @@ def test_facts_prompts_hold_every_fact_and_ask_one(tokenizer):
 
 
 def test_window_calibration_hits_the_fraction():
-    cases = [qb.Case("passkey", n, [0] * n) for n in (500, 1000, 4000)]
+    cases = [qb.Case("passkey", n, [0] * n) for n in (500, 1000, 4000)] + [
+        qb.Case("chat", 300, [0] * 300)]
     for f in (0.3, 0.7, 0.9):
-        w = qb.calibrate("window", f, None, 1.0, cases, sinks=4, new_tokens=16)["window"]
-        kept = [min(1.0, (w + 4) / (len(c.prompt) + 16)) for c in cases]
+        w = qb.calibrate("window", f, None, 1.0, cases, sinks=4)["window"]
+        new = [qb.ANSWER_TOKENS] * 3 + [qb.CHAT_TOKENS]
+        kept = [min(1.0, (w + 4) / (len(c.prompt) + n)) for c, n in zip(cases, new)]
         assert abs((1 - sum(kept) / len(kept)) - f) < 0.01
 
 
 def test_threshold_calibration_is_the_score_quantile():
     scores = {"knorm": torch.arange(1000, dtype=torch.float32).view(1, -1, 1)}
-    t = qb.calibrate("knorm", 0.4, scores, 0.8, [], sinks=4, new_tokens=16)["threshold"]
+    t = qb.calibrate("knorm", 0.4, scores, 0.8, [], sinks=4)["threshold"]
     assert (scores["knorm"] < t).float().mean().item() == pytest.approx(0.5, abs=0.002)
-    assert qb.calibrate("random", 0.4, scores, 0.8, [], 4, 16)["threshold"] == pytest.approx(-0.5)
+    assert qb.calibrate("random", 0.4, scores, 0.8, [], 4)["threshold"] == pytest.approx(-0.5)
 
 
 def test_agreement_is_positionwise_against_the_reference():

@@ -192,8 +192,8 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                 values[new.block_ids[0][0]] = value
         cached = scheduler_output.scheduled_cached_reqs
         for req_id in cached.resumed_req_ids:
-            if req_id in self._request_values:
-                blocks = cached.new_block_ids[cached.req_ids.index(req_id)]
+            blocks = cached.new_block_ids[cached.req_ids.index(req_id)]
+            if req_id in self._request_values and blocks:
                 values[blocks[0][0]] = self._request_values[req_id]
         return values
 

@@ -30,16 +30,9 @@ def attend_layer(
     scale: float,
     isa: str,
 ) -> None:
-    T, H = plan.num_tokens, table.num_heads
     D = table.head_size
-    G = query.shape[1] // H
-    rows_q = query[:T].reshape(T * H, G, D)
-    out_rows = out[:T].view(T * H, G, D)
-    if plan.query_perm is not None:
-        rows_q = rows_q[plan.query_perm]
-        out_rows = torch.empty_like(rows_q)
-    elif not rows_q.is_contiguous():
-        rows_q = rows_q.contiguous()
+    rows_q, out_rows = row_queries(plan, query, out, table.num_heads)
+    G = rows_q.shape[1]
     seq_lens = plan.seq_lens[layer_idx]
     num_rows = seq_lens.numel()
     metadata = ops.cpu_attn_get_scheduler_metadata(
@@ -71,5 +64,27 @@ def attend_layer(
         scheduler_metadata=metadata,
         s_aux=None,
     )
+    scatter_rows(plan, out, out_rows, table.num_heads)
+
+
+def row_queries(plan: StepPlan, query: torch.Tensor, out: torch.Tensor, num_kv_heads: int):
+    """The step's queries as kernel rows ``[rows, G, D]`` (row = token x KV head for decode steps,
+    a zero-copy view; regrouped by the plan's permutation for prompt chunks), and where the kernel
+    writes their output (a view of ``out``, or a buffer for `scatter_rows`)."""
+    T, H = plan.num_tokens, num_kv_heads
+    G, D = query.shape[1] // H, query.shape[2]
+    rows_q = query[:T].reshape(T * H, G, D)
+    out_rows = out[:T].view(T * H, G, D)
     if plan.query_perm is not None:
-        out[:T].view(T * H, G, D)[plan.query_perm] = out_rows
+        rows_q = rows_q[plan.query_perm]
+        out_rows = torch.empty_like(rows_q)
+    elif not rows_q.is_contiguous():
+        rows_q = rows_q.contiguous()
+    return rows_q, out_rows
+
+
+def scatter_rows(plan: StepPlan, out: torch.Tensor, out_rows: torch.Tensor, num_kv_heads: int):
+    """Rows' outputs back to ``out [T, H_q, D]`` (a no-op when they were written in place)."""
+    if plan.query_perm is not None:
+        T = plan.num_tokens
+        out[:T].view(T * num_kv_heads, *out_rows.shape[1:])[plan.query_perm] = out_rows

@@ -2,9 +2,11 @@
 
 vLLM allocates the KV cache as one buffer viewed per layer as `[num_blocks, H_kv, block_size, 2D]`;
 every (layer, block, head) cell is a *page* of `block_size` slots, read here as `[2 * block_size,
-D]` in vLLM's CPU layout for the `vec`/`vec16` ISAs: keys transposed (`[D, block_size]`), then
-values (`[block_size, D]`). All pages but the null block's form one pool, shared by every layer,
-head and request (a free-page stack).
+D]`: keys, then values (`[block_size, D]`). Keys are stored transposed (`[D, block_size]`,
+`key_layout="transposed"`) in vLLM's CPU layout for the `vec`/`vec16` ISAs, whose kernel the CPU
+backend calls (`attention/rows.py`), or plainly (`[block_size, D]`, `key_layout="plain"`) for vLLM's
+Triton `unified_attention` (`attention/triton_rows.py`), which reads any strides. All pages but the
+null block's form one pool, shared by every layer, head and request (a free-page stack).
 
 Each (request, layer, KV head) is a *row* of the engine's attention kernel: a page list where
 logical slot `j` lives at `pages[j // bs]`, offset `j % bs`, and the row's resident pairs are
@@ -61,6 +63,8 @@ class StepPlan:
     row_query_start_loc: torch.Tensor  # [B * H + 1] int32
     query_perm: torch.Tensor | None  # [T * H]: row order -> (token, head) order; None = identity
     write_slots: torch.Tensor  # [L, T * H] int64: physical slot of (token, head)
+    max_query_len: int = 1  # longest row query in the step
+    max_seq_len: int = 0  # bound on every row's resident slots (block-table width x block size)
 
 
 # Row state fields: pages held; prompt survivors (the ring starts after them); decoding survivors
@@ -70,6 +74,7 @@ NUM_PAGES, BASE, SURV, SEQ_LEN, PRUNED, PENDING = range(len(ROW_FIELDS))
 # `pending`: none; kept; pruned (known at plan time, from the score the token got when written);
 # to be read from its score at the next plan (window 0: the token was written in that step)
 PEND_NONE, PEND_KEEP, PEND_PRUNE, PEND_SCORE = range(4)
+KEY_LAYOUTS = ("transposed", "plain")
 
 
 class PageTable:
@@ -82,7 +87,11 @@ class PageTable:
         max_model_len: int,
         ratio: float | None = None,
         alpha: float = 0.2,
+        key_layout: str = "transposed",
     ):
+        if key_layout not in KEY_LAYOUTS:
+            raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}")
+        self.key_layout = key_layout
         first = kv_caches[0]
         num_blocks, num_heads, block_size, two_d = first.shape
         self.num_layers, self.num_heads, self.block_size = len(kv_caches), num_heads, block_size
@@ -99,7 +108,10 @@ class PageTable:
         paged = self.kv_pages.view(num_pages, 1, 2 * block_size, self.head_size)
         self.key_cache, self.value_cache = paged.chunk(2, dim=2)  # [pages, 1, bs, D] each
         half = block_size * self.head_size
-        self._keys_t = self.kv_pages[:, :half].view(num_pages, self.head_size, block_size)
+        if key_layout == "transposed":
+            self._keys = self.kv_pages[:, :half].view(num_pages, self.head_size, block_size)
+        else:
+            self._keys = self.kv_pages[:, :half].view(num_pages, block_size, self.head_size)
         self._values = self.kv_pages[:, half:].view(num_pages, block_size, self.head_size)
         usable = []
         for cache in kv_caches:
@@ -299,11 +311,20 @@ class PageTable:
         self.slot_scores[dst] = self.slot_scores[src]
         self._move_pairs(src // bs, src % bs, dst // bs, dst % bs)
 
+    def key_at(self, page: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The keys [..., D] at (page, offset), in either key layout (a copy)."""
+        if self.key_layout == "transposed":
+            return self._keys[page, :, offset]
+        return self._keys[page, offset]
+
     def _move_pairs(self, sp, so, dp, do) -> None:
-        """Copy the K/V pairs at (page, offset) sp, so to dp, do, in vLLM's CPU page layout."""
-        keys = self._keys_t[sp, :, so]  # [M, D] (advanced indexing copies)
+        """Copy the K/V pairs at (page, offset) sp, so to dp, do, in the page layout."""
+        keys = self.key_at(sp, so)  # [M, D] (advanced indexing copies)
         values = self._values[sp, so]
-        self._keys_t[dp, :, do] = keys
+        if self.key_layout == "transposed":
+            self._keys[dp, :, do] = keys
+        else:
+            self._keys[dp, do] = keys
         self._values[dp, do] = values
 
     # ------------------------------------------------------------------ the step
@@ -414,6 +435,8 @@ class PageTable:
             row_query_start_loc=row_qsl,
             query_perm=perm,
             write_slots=write_slots,
+            max_query_len=max(1, max_qlen),
+            max_seq_len=num_cols * self.block_size,
         )
 
     def _grow(self, slots, have: torch.Tensor, deficit: torch.Tensor, total: int) -> None:
@@ -428,19 +451,26 @@ class PageTable:
         self.pages[layer[rep], slot_f[rep], head[rep], col] = self._alloc(total)
 
     def write_layer(self, plan: StepPlan, layer_idx: int, key, value, scores, isa: str) -> None:
-        """Before the layer's attention: write the step's K/V and scores into their slots."""
-        from vllm import _custom_ops as ops
-
+        """Before the layer's attention: write the step's K/V and scores into their slots (vLLM's
+        `cpu_attn_reshape_and_cache` for the transposed layout, an index copy for the plain one;
+        `isa` is the CPU kernel's)."""
         slots = plan.write_slots[layer_idx]
         T, H, D = plan.num_tokens, self.num_heads, self.head_size
-        ops.cpu_attn_reshape_and_cache(
-            key[:T].reshape(T * H, 1, D),
-            value[:T].reshape(T * H, 1, D),
-            self.key_cache,
-            self.value_cache,
-            slots,
-            isa,
-        )
+        if self.key_layout == "transposed":
+            from vllm import _custom_ops as ops
+
+            ops.cpu_attn_reshape_and_cache(
+                key[:T].reshape(T * H, 1, D),
+                value[:T].reshape(T * H, 1, D),
+                self.key_cache,
+                self.value_cache,
+                slots,
+                isa,
+            )
+        else:
+            page, offset = slots // self.block_size, slots % self.block_size
+            self._keys[page, offset] = key[:T].reshape(T * H, D).to(self._keys.dtype)
+            self._values[page, offset] = value[:T].reshape(T * H, D).to(self._values.dtype)
         self.slot_scores[slots] = scores[:T].reshape(-1).float()
 
     # ------------------------------------------------------------------ reporting

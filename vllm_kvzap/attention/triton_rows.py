@@ -1,0 +1,59 @@
+"""Paged-mode attention of one layer in vLLM's Triton `unified_attention`, one row per (request,
+KV head): the kernel call of the CUDA path (any NVIDIA GPU; on CPU tensors under
+`TRITON_INTERPRET=1`, which is how the tests run it).
+
+The page table (`cache/page_table.py`, `key_layout="plain"`) plans the step exactly as for the CPU
+kernel: row `r` reads slots `0 .. seq_lens[r] - 1` of its pages `block_tables[r]`. Here a page is
+`[block_size, D]` keys then `[block_size, D]` values, so the pool is two strided views
+`[num_pages, block_size, 1, D]`, which `unified_attention` takes as K and V caches with one KV head;
+each row's query is its KV head's GQA group (`[q_len, G, D]`, regrouped as in `attention/rows.py`),
+`cu_seqlens_q` the rows' query starts and `seqused_k` their lengths. Nothing here reads the GPU
+back: the plan's host-side bounds (`max_query_len`, `max_seq_len`) size the launch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvzap.attention.rows import row_queries, scatter_rows
+from vllm_kvzap.cache.page_table import PageTable, StepPlan
+
+
+def kv_cache_views(table: PageTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V caches ``[num_pages, block_size, 1, D]`` over the page pool (plain key layout)."""
+    if table.key_layout != "plain":
+        raise ValueError("unified_attention reads keys in the plain page layout (key_layout='plain')")
+    return table.key_cache.transpose(1, 2), table.value_cache.transpose(1, 2)
+
+
+def attend_layer_triton(
+    table: PageTable,
+    plan: StepPlan,
+    layer_idx: int,
+    query: torch.Tensor,  # [T, H_q, D]
+    out: torch.Tensor,  # [T, H_q, D], contiguous
+    scale: float,
+) -> None:
+    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+    rows_q, out_rows = row_queries(plan, query, out, table.num_heads)
+    k_cache, v_cache = kv_cache_views(table)
+    unified_attention(
+        q=rows_q,
+        k=k_cache,
+        v=v_cache,
+        out=out_rows,
+        cu_seqlens_q=plan.row_query_start_loc,
+        max_seqlen_q=plan.max_query_len,
+        seqused_k=plan.seq_lens[layer_idx],
+        max_seqlen_k=plan.max_seq_len,
+        softmax_scale=scale,
+        causal=True,
+        window_size=(-1, -1),
+        block_table=plan.block_tables[layer_idx],
+        softcap=0,
+        q_descale=None,
+        k_descale=None,
+        v_descale=None,
+    )
+    scatter_rows(plan, out, out_rows, table.num_heads)
