@@ -199,7 +199,7 @@ class KVPruningConfig:
                     "kv_pruning option 'alpha' (--kv-pruning-alpha) is the safeguard of ratio "
                     "mode: add a ratio (--kv-pruning-ratio R), or drop alpha"
                 )
-            threshold = _parse_threshold(options.get("threshold", DEFAULT_THRESHOLD))
+            threshold = parse_threshold(options.get("threshold", DEFAULT_THRESHOLD))
             window = _parse_window(options.get("window", DEFAULT_WINDOW))
             alpha = DEFAULT_ALPHA
         else:
@@ -229,7 +229,8 @@ class KVPruningConfig:
         return cls.from_dict(dict(additional_config).get(ADDITIONAL_CONFIG_KEY))
 
 
-def _parse_threshold(value: Any) -> float:
+def parse_threshold(value: Any) -> float:
+    """A threshold: a finite number or -inf (prunes nothing); numeric strings accepted."""
     if isinstance(value, bool):
         raise KVPruningConfigError(f"kv_pruning threshold must be a number, got {value!r}")
     try:

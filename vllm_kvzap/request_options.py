@@ -29,7 +29,7 @@ from typing import Any
 from vllm_kvzap.config import (
     KVPruningConfig,
     KVPruningConfigError,
-    _parse_threshold,
+    parse_threshold,
     parse_ratio,
 )
 
@@ -69,9 +69,9 @@ def request_value(extra_args: dict | None, config: KVPruningConfig) -> float | N
             )
         (name, value), = raw.items()
         if name == "method":
-            if value == config.method:
+            if value is None or value == config.method:
                 return None
-            if value not in (OFF, None):
+            if value != OFF:
                 raise KVPruningConfigError(
                     f'{_WHERE}["method"] may be "none" (no pruning for this request) or the '
                     f"engine's own method {config.method!r}, not {value!r}: the scorer is chosen "
@@ -106,7 +106,7 @@ def _parse(value: Any, option: str, config: KVPruningConfig, where: str) -> floa
         except ValueError:
             pass  # the parsers below name the bad value
     try:
-        return parse_ratio(value) if option == "ratio" else _parse_threshold(value)
+        return parse_ratio(value) if option == "ratio" else parse_threshold(value)
     except KVPruningConfigError as e:
         raise KVPruningConfigError(f"{where}: {e}") from None
 
