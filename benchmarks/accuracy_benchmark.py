@@ -159,10 +159,19 @@ def calibrate(method: str, fraction: float, scores, judged_share: float, total_l
     """Plugin options whose pruned fraction is about ``fraction``."""
     if method == "window":  # keeps sinks + window of ``total_len`` tokens
         return {"window": max(1, round((1 - fraction) * total_len) - sinks), "sinks": sinks}
+    return threshold_options(method, fraction, scores, judged_share)
+
+
+def threshold_options(method: str, fraction: float, scores, judged_share: float) -> dict:
+    """A threshold whose pruned fraction is about ``fraction`` when ``judged_share`` of the pairs
+    leave the window: the score quantile (``scores[method]``), or random's exact rule."""
     q = min(0.999, fraction / judged_share)  # the window is never pruned
     if method == "random":  # score = -u, u uniform: threshold t prunes a fraction 1 + t
         return {"threshold": q - 1.0}
-    return {"threshold": float(torch.quantile(scores[method].reshape(-1), q))}
+    flat = scores[method].reshape(-1)
+    if flat.numel() > 2**24:  # torch.quantile's limit: a fixed random subset
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2**24]]
+    return {"threshold": float(torch.quantile(flat, q))}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -240,13 +240,9 @@ def calibrate(method: str, fraction: float, scores, share: float, cases: list[Ca
             mid = (lo + hi) // 2
             lo, hi = (mid + 1, hi) if kept(mid) < 1 - fraction else (lo, mid)
         return {"window": lo}
-    q = min(0.999, fraction / share)
-    if method == "random":  # score = -u, u uniform: threshold t prunes a fraction 1 + t
-        return {"threshold": q - 1.0}
-    flat = scores[method].reshape(-1)
-    if flat.numel() > 2**24:  # torch.quantile's limit
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2**24]]
-    return {"threshold": float(torch.quantile(flat, q))}
+    from benchmarks.accuracy_benchmark import threshold_options
+
+    return threshold_options(method, fraction, scores, share)
 
 
 # --------------------------------------------------------------------------------------------------
