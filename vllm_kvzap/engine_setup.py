@@ -25,11 +25,13 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
     errors: list[str] = []
     changed: list[str] = []
 
-    if not current_platform.is_cpu():
-        # Refuse rather than silently run unpruned: the attention backend that applies the
-        # decisions is registered for vLLM's CPU platform only so far.
+    if current_platform.is_cuda():
+        choose_cuda_backend(args, pruning, errors)
+    elif not current_platform.is_cpu():
+        # Refuse rather than silently run unpruned: the plugin's attention backends are
+        # vLLM's CPU and CUDA (Triton) ones.
         raise KVPruningConfigError(
-            f"kv_pruning currently runs on vLLM's CPU platform only, not on "
+            f"kv_pruning runs on vLLM's CPU and CUDA platforms, not on "
             f"{current_platform.device_name}; run without --kv-pruning on this machine"
         )
 
@@ -55,16 +57,43 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
             f"kv_pruning method {pruning.method!r} cannot be combined with: " + "; ".join(errors)
         )
     # torch.compile stays on: scoring is a custom op inside the graph (`attention/scoring_op.py`).
-    # On CPU vLLM compiles with DYNAMO_TRACE_ONCE (one inductor graph, no splitting, no CUDA
-    # graphs), so nothing else is needed; `splitting_ops` only matters for VLLM_COMPILE. A GPU
-    # port with piecewise CUDA graphs must add "vllm_kvzap::score" to `splitting_ops` (with the
-    # attention ops): its Python side effects cannot be replayed by a captured graph.
+    # On CPU vLLM compiles with DYNAMO_TRACE_ONCE (one inductor graph, no CUDA graphs); on CUDA
+    # with VLLM_COMPILE and piecewise CUDA graphs split at the attention ops (vLLM's defaults).
+    # The scoring op only copies into a persistent buffer, so it needs no split of its own.
     if pruning.paged and args.async_scheduling is None:
         # the block manager sizes each step from the previous step's page counts
         args.async_scheduling = False
     args.kv_transfer_config = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both")
     if changed:
         logger.warning("KV pruning (%s) is on: turned off %s.", pruning.method, "; ".join(changed))
+
+
+def choose_cuda_backend(args, pruning: KVPruningConfig, errors: list[str]) -> None:
+    """On CUDA, pruning runs in the plugin's backend on vLLM's Triton attention (registered as
+    CUSTOM, `attention/cuda_backend.py`): chosen when the user names none, TRITON_ATTN or CUSTOM;
+    any other backend cannot prune and is refused."""
+    from vllm.config.attention import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if not pruning.paged:
+        errors.append("mode 'mask' on a GPU (it runs on vLLM's CPU platform only; use 'paged')")
+    config = args.attention_config
+    if isinstance(config, dict):
+        config = AttentionConfig(**config)
+    chosen = config.backend
+    if args.attention_backend is not None:
+        chosen = AttentionConfig.validate_backend_before(args.attention_backend)
+    prunable = (None, AttentionBackendEnum.TRITON_ATTN, AttentionBackendEnum.CUSTOM)
+    if chosen not in prunable:
+        errors.append(
+            f"attention backend {chosen.name} (pruning runs on vLLM's Triton attention: leave "
+            "--attention-backend unset or use TRITON_ATTN)"
+        )
+    if config.backend_per_kind:
+        errors.append("per-kind attention backends (attention_config.backend_per_kind)")
+    args.attention_config = dataclasses.replace(config, backend=None)
+    args.attention_backend = AttentionBackendEnum.CUSTOM
+    logger.info("KV pruning: attention runs in the plugin's Triton backend (CUSTOM)")
 
 
 def default_block_size(head_size: int) -> int:

@@ -36,6 +36,12 @@ def register() -> None:
             AttentionBackendEnum.CPU_ATTN,
             "vllm_kvzap.attention.cpu_backend.KVzapCPUAttentionBackend",
         )
+    if current_platform.is_cuda():
+        # Selected only when pruning is on (`engine_setup.choose_cuda_backend`).
+        register_backend(
+            AttentionBackendEnum.CUSTOM,
+            "vllm_kvzap.attention.cuda_backend.KVzapTritonAttentionBackend",
+        )
     if CONNECTOR_NAME not in KVConnectorFactory._registry:
         KVConnectorFactory.register_connector(
             CONNECTOR_NAME, "vllm_kvzap.connector", "KVzapPruningConnector"

@@ -37,6 +37,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvzap.attention.rows import SUPPORTED_ISAS, attend_layer
+from vllm_kvzap.attention.paged_step import paged_forward, step_rows, unsupported_features
 from vllm_kvzap.attention.runtime import get_runtime
 from vllm_kvzap.cache.page_table import StepRows
 from vllm_kvzap.config import KVPruningConfig
@@ -76,21 +77,9 @@ class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         if not self.pruning.enabled:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
-        num_reqs = cm.num_reqs
-        qsl = cm.query_start_loc_cpu[: num_reqs + 1].long()
-        query_lens = qsl[1:] - qsl[:-1]
-        if cm.is_prefilling is None:
-            raise RuntimeError("kv_pruning needs is_prefilling in the attention metadata")
-        is_prefilling = torch.as_tensor(cm.is_prefilling[:num_reqs]).cpu()
+        rows = step_rows(cm)
         if self.pruning.paged:
             # the kernel's own metadata is built per layer from the rows (`rows.py`)
-            rows = StepRows(
-                keys=cm.block_table_tensor[:num_reqs, 0].cpu().long(),
-                num_computed=cm.seq_lens[:num_reqs].cpu().long() - query_lens,
-                query_lens=query_lens,
-                is_prefilling=is_prefilling.bool(),
-                query_start_loc=qsl,
-            )
             runtime = get_runtime()
             if runtime is not None:
                 runtime.next_rows = rows  # planned when the connector binds the step (below)
@@ -107,9 +96,8 @@ class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             )
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         fields = {f: getattr(meta, f) for f in CPUAttentionMetadata.__dataclass_fields__}
-        num_computed = cm.seq_lens[:num_reqs].cpu() - query_lens
-        judged_upto = (num_computed - self.pruning.window).clamp(min=0).long()
-        judged_upto[is_prefilling] = 0
+        judged_upto = (rows.num_computed - self.pruning.window).clamp(min=0)
+        judged_upto[rows.is_prefilling] = 0
         return KVzapCPUAttentionMetadata(**fields, judged_upto=judged_upto)
 
 
@@ -119,16 +107,7 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         self.pruning = _pruning_config(get_current_vllm_config())
         self.layer_idx: int | None = None
         if self.pruning.enabled and self.attn_type == AttentionType.DECODER:
-            unsupported = {
-                "sliding window": self.sliding_window != -1,
-                "logits soft-capping": bool(self.logits_soft_cap),
-                "ALiBi": self.alibi_slopes is not None,
-                "attention sinks": self.sinks is not None,
-                "an fp8 KV cache": self.is_fp8_kv_cache,
-            }
-            bad = [name for name, present in unsupported.items() if present]
-            if bad:
-                raise ValueError(f"kv_pruning does not support models with {', '.join(bad)}")
+            unsupported_features(self, self.sliding_window != -1, self.is_fp8_kv_cache)
 
     def _prunes(self) -> bool:
         return (
@@ -176,20 +155,15 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         runtime = get_runtime()
         n = attn_metadata.num_actual_tokens
         if self.pruning.paged:
-            table = runtime.pages
-            plan = table.plan(attn_metadata.rows)
-            scores = runtime.layer_scores(self.layer_idx, key[:n])
-            table.write_layer(plan, self.layer_idx, key, value, scores, layer.isa)
-            attend_layer(
-                table,
-                plan,
-                self.layer_idx,
-                query,
-                output[:n].view(n, self.num_heads, self.head_size),
-                self.scale,
-                layer.isa,
-            )
-            return output
+            isa = layer.isa
+
+            def attend(table, plan, layer_idx, q, out):
+                attend_layer(table, plan, layer_idx, q, out, self.scale, isa)
+
+            return paged_forward(
+                self.layer_idx, attn_metadata.rows, query, key, value, output, n,
+                self.num_heads, self.head_size, attend, isa,
+            )  # fmt: skip
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         keep_cache = runtime.keep_cache(
             self.layer_idx, num_blocks * block_size, num_kv_heads, kv_cache.device
@@ -219,6 +193,8 @@ def _split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class KVzapCPUAttentionBackend(CPUAttentionBackend):
+    page_key_layout = "transposed"  # vLLM's `vec`/`vec16` page layout (`cache/page_table.py`)
+
     @staticmethod
     def get_name() -> str:
         return "CPU_ATTN"

@@ -1,10 +1,12 @@
 """Worker-side pruning state, shared by the scoring op and the attention backend.
 
 Data flow inside one forward pass, per decoder layer `l`:
-1. a forward pre-hook on `layers.{l}.self_attn` calls the scoring op (`scoring_op.py`), which scores
-   the layer's input hidden states `[T, D]` with the surrogate (or a baseline,
-   `scorers/baselines.py`; knorm is scored from the keys in step 2) into `pending_scores[l]`
-   (`[T, H_kv]` float32);
+1. a forward pre-hook on `layers.{l}.self_attn` scores the layer's input hidden states `[T, D]` with
+   the surrogate (the torch twin on CPU, the Triton kernel as a custom op on CUDA,
+   `kernels/surrogate_score.py`) or a baseline (`scorers/baselines.py`; knorm is scored from the
+   keys in step 2), and the scoring op (`scoring_op.py`) copies them into `score_buffer[l, :T]`
+   (`[L, max_num_batched_tokens, H_kv]` float32, allocated once on the model's device: a captured
+   CUDA graph replays that copy into the same memory);
 2. the attention backend of layer `l` takes them (`layer_scores`) and stores each pair's score with
    it: paged mode in the page table (`cache/page_table.py`), which judges a pair against the
    threshold once it has left the window; mask mode as keep flags (score >= threshold) in
@@ -35,13 +37,19 @@ class PruningRuntime:
         num_kv_heads: int,
         max_num_seqs: int = 256,
         max_model_len: int = 8192,
+        max_num_tokens: int = 8192,
+        device: torch.device | str = "cpu",
+        key_layout: str = "transposed",
     ):
         self.config = config
         self.surrogate = surrogate
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
-        self.pending_scores: dict[int, torch.Tensor] = {}
+        self.key_layout = key_layout  # in-page key layout the backend's kernel reads
+        self.score_buffer = torch.zeros(
+            num_layers, max_num_tokens, num_kv_heads, dtype=torch.float32, device=device
+        )
         self.keep_caches: dict[int, torch.Tensor] = {}  # mask mode
         self.pages: PageTable | None = None  # paged mode
         self.next_rows = None  # paged mode: the step's rows, from the metadata builder
@@ -59,6 +67,7 @@ class PruningRuntime:
             max_model_len=self.max_model_len,
             ratio=self.config.ratio if self.config.ratio_mode else None,
             alpha=self.config.alpha,
+            key_layout=self.key_layout,
         )
 
     def graph_scores(
@@ -77,13 +86,19 @@ class PruningRuntime:
 
     def save_scores(self, layer_idx: int, scores: torch.Tensor) -> None:
         """The scoring op: the step's scores, for the layer's attention right after."""
-        self.pending_scores[layer_idx] = scores
+        num_tokens = scores.shape[0]
+        if num_tokens > self.score_buffer.shape[1]:
+            raise RuntimeError(
+                f"kv_pruning: {num_tokens} tokens in one forward pass, but the score buffer holds "
+                f"{self.score_buffer.shape[1]} (max_num_batched_tokens)"
+            )
+        self.score_buffer[layer_idx, :num_tokens].copy_(scores)
 
     def layer_scores(self, layer_idx: int, key: torch.Tensor) -> torch.Tensor:
         """Scores [T, H_kv] float32 of the step's tokens in this layer (key: [T, H_kv, D])."""
         if self.config.method == "knorm":
             return knorm_scores(key)
-        return self.pending_scores.pop(layer_idx)
+        return self.score_buffer[layer_idx, : key.shape[0]]
 
     def keep_flags(self, layer_idx: int, key: torch.Tensor) -> torch.Tensor:
         """Mask mode: keep flags [T, H_kv] (score >= threshold) of the step's tokens."""
@@ -130,6 +145,19 @@ def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     return found
 
 
+def page_key_layout(modules) -> str:
+    """The in-page key layout of the layers' attention backend (`page_key_layout` of the
+    plugin's backends: "transposed" for vLLM's CPU kernel, "plain" for its Triton kernel)."""
+    layouts = {getattr(m.attn.attn_backend, "page_key_layout", None) for m in modules}
+    if len(layouts) != 1 or None in layouts:
+        names = sorted({m.attn.attn_backend.get_name() for m in modules})
+        raise RuntimeError(
+            f"kv_pruning: the model's attention layers run on {names}, not on one of the "
+            "plugin's pruning backends"
+        )
+    return layouts.pop()
+
+
 def install_runtime(model: nn.Module, vllm_config, config: KVPruningConfig) -> PruningRuntime:
     """Load the surrogate and hook every self-attention module of the freshly loaded model."""
     global _runtime
@@ -142,13 +170,17 @@ def install_runtime(model: nn.Module, vllm_config, config: KVPruningConfig) -> P
     device = next(model.parameters()).device
     surrogate = load_surrogate(config.surrogate).to(device) if config.uses_surrogate else None
     num_kv_heads = vllm_config.model_config.get_total_num_kv_heads()
+    scheduler_config = vllm_config.scheduler_config
     runtime = PruningRuntime(
         config,
         surrogate,
         len(modules),
         num_kv_heads,
-        max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+        max_num_seqs=scheduler_config.max_num_seqs,
         max_model_len=vllm_config.model_config.max_model_len,
+        max_num_tokens=scheduler_config.max_num_batched_tokens,
+        device=device,
+        key_layout=page_key_layout(modules.values()),
     )
 
     from vllm_kvzap.attention.scoring_op import save_scores

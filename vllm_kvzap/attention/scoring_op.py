@@ -7,8 +7,10 @@ baseline), which torch.compile folds into the model's graph like any other layer
 `runtime.save_scores(l, scores)`, which layer `l`'s attention backend reads right after. Under
 torch.compile (on CPU vLLM 0.32 traces the whole model once into one inductor graph,
 `CompilationMode.DYNAMO_TRACE_ONCE`), a Python side effect in the hook would run after the
-compiled frame; an opaque op runs where the graph puts it. The impl copies the scores: inductor
-may reuse their buffer once the op, their last reader in the graph, has run.
+compiled frame; an opaque op runs where the graph puts it. The impl copies the scores into the
+runtime's persistent score buffer (inductor may reuse theirs once the op, their last reader in the
+graph, has run), so the op has no Python side effect a captured CUDA graph would lose: a replay
+repeats the copy into the same memory, and the op needs no graph split.
 
 Ordering and dead-code elimination come from the schema, not from node order: the op is declared
 to mutate `hidden_states` (it does not write to it). After functionalization every later reader of
@@ -31,7 +33,7 @@ _lib = torch.library.Library("vllm_kvzap", "FRAGMENT")
 def _save_scores(hidden_states: torch.Tensor, scores: torch.Tensor, layer_idx: int) -> None:
     runtime = get_runtime()
     if runtime is not None:
-        runtime.save_scores(layer_idx, scores.clone())
+        runtime.save_scores(layer_idx, scores)  # a copy into the runtime's score buffer
 
 
 def _save_scores_fake(hidden_states: torch.Tensor, scores: torch.Tensor, layer_idx: int) -> None:

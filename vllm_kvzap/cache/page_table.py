@@ -44,7 +44,9 @@ from vllm_kvzap.cache.manager import ResidentReport
 
 @dataclass
 class StepRows:
-    """The step's requests as the metadata builder sees them (cpu tensors, batch order)."""
+    """The step's requests as the metadata builder sees them, in batch order: cpu tensors (the
+    plan reads sizes from them without a device sync), except `keys`, which may already be on
+    the page state's device (the first column of vLLM's device block table)."""
 
     keys: torch.Tensor  # [B] int64: first block id, names the request's pages on the worker
     num_computed: torch.Tensor  # [B] int64: tokens whose KV is already written
@@ -93,6 +95,7 @@ class PageTable:
             raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}")
         self.key_layout = key_layout
         first = kv_caches[0]
+        self.device = dev = first.device
         num_blocks, num_heads, block_size, two_d = first.shape
         self.num_layers, self.num_heads, self.block_size = len(kv_caches), num_heads, block_size
         self.head_size = two_d // 2
@@ -123,39 +126,39 @@ class PageTable:
             blocks = torch.arange(1, num_blocks)[:, None] * (cache.stride(0) // page_elems)
             heads = torch.arange(num_heads)[None, :] * (cache.stride(1) // page_elems)
             usable.append((base + blocks + heads).reshape(-1))
-        self.free_pages = torch.cat(usable).flip(0).to(torch.int32)  # a stack, top at the end
+        self.free_pages = torch.cat(usable).flip(0).to(dev, torch.int32)  # a stack, top at the end
         self.num_free = self.capacity = self.free_pages.numel()
-        self.slot_scores = torch.zeros(num_pages * block_size, dtype=torch.float32)
+        self.slot_scores = torch.zeros(num_pages * block_size, dtype=torch.float32, device=dev)
 
         L, S, H = self.num_layers, max_slots, num_heads
         self.max_pages = -(-(max_model_len + 1) // block_size)
-        self.pages = torch.zeros(L, S, H, self.max_pages, dtype=torch.int32)
+        self.pages = torch.zeros(L, S, H, self.max_pages, dtype=torch.int32, device=dev)
         # per row, packed so that a step gathers and scatters them at once (`ROW_FIELDS`)
-        self.state = torch.zeros(L, S, H, len(ROW_FIELDS), dtype=torch.int64)
+        self.state = torch.zeros(L, S, H, len(ROW_FIELDS), dtype=torch.int64, device=dev)
         self.num_pages, self.base, self.surv, self.seq_len, self.pruned, self.pending = (
             self.state.unbind(-1)
         )
-        self.num_tokens = torch.zeros(S, dtype=torch.int64)
-        self.shift = torch.zeros(S, dtype=torch.int64)
-        self.dense = torch.ones(S, dtype=torch.bool)
-        self.peak_pages = torch.zeros(S, dtype=torch.int64)
+        self.num_tokens = torch.zeros(S, dtype=torch.int64, device=dev)
+        self.shift = torch.zeros(S, dtype=torch.int64, device=dev)
+        self.dense = torch.ones(S, dtype=torch.bool, device=dev)
+        self.peak_pages = torch.zeros(S, dtype=torch.int64, device=dev)
         # each slot's threshold (ratio in ratio mode): the engine's, or its request's own, which
         # `set_request_values` parks by key until the request takes a slot. Thresholds compare in
         # float32 as kvpress's (a Python float against float32 scores); ratios stay float64
         # (`adakv_counts`: 0.3 in float32 is another number).
         self.default_value = float(threshold if ratio is None else ratio)
         vdtype = torch.float32 if ratio is None else torch.float64
-        self.slot_value = torch.full((S,), self.default_value, dtype=vdtype)
-        self.key_value = torch.full((num_blocks,), float("nan"), dtype=vdtype)
-        self.key_of_slot = torch.full((S,), -1, dtype=torch.int64)
-        self.slot_of_key = torch.full((num_blocks,), -1, dtype=torch.int64)
-        self.free_slots = torch.arange(S - 1, -1, -1, dtype=torch.int64)
+        self.slot_value = torch.full((S,), self.default_value, dtype=vdtype, device=dev)
+        self.key_value = torch.full((num_blocks,), float("nan"), dtype=vdtype, device=dev)
+        self.key_of_slot = torch.full((S,), -1, dtype=torch.int64, device=dev)
+        self.slot_of_key = torch.full((num_blocks,), -1, dtype=torch.int64, device=dev)
+        self.free_slots = torch.arange(S - 1, -1, -1, dtype=torch.int64, device=dev)
         self.num_free_slots = S
         self._planned: tuple[StepRows, StepPlan] | None = None
         self._report: tuple[torch.Tensor, ...] | None = None  # the last step's, for `reports`
-        self._layer_idx = torch.arange(L).view(-1, 1, 1)
-        self._head_idx = torch.arange(H).view(1, 1, -1)
-        self._row_starts = torch.arange(S * H + 1, dtype=torch.int32)  # decode rows: one query each
+        self._layer_idx = torch.arange(L, device=dev).view(-1, 1, 1)
+        self._head_idx = torch.arange(H, device=dev).view(1, 1, -1)
+        self._row_starts = torch.arange(S * H + 1, dtype=torch.int32, device=dev)  # decode rows: one query each
 
     # ------------------------------------------------------------------ pool
     def _alloc(self, n: int) -> torch.Tensor:
@@ -174,7 +177,7 @@ class PageTable:
 
     def _row_pages(self, slots, upto: torch.Tensor, start: torch.Tensor | None = None):
         """Page ids of the rows [L, X, H] of request slots [X] at columns start .. upto - 1."""
-        cols = torch.arange(self.max_pages)
+        cols = torch.arange(self.max_pages, device=self.device)
         lo = torch.zeros_like(upto) if start is None else start
         mask = (cols >= lo[..., None]) & (cols < upto[..., None])
         layer, head = self._layer_idx[..., None], self._head_idx[..., None]
@@ -197,7 +200,7 @@ class PageTable:
     def release_keys(self, keys: list[int]) -> None:
         if not keys:
             return
-        keys_t = torch.tensor(keys, dtype=torch.int64)
+        keys_t = torch.tensor(keys, dtype=torch.int64, device=self.device)
         slots = self.slot_of_key[keys_t]
         self._release_slots(slots[slots >= 0])
 
@@ -219,8 +222,8 @@ class PageTable:
     def set_request_values(self, values: dict[int, float]) -> None:
         """Own thresholds (ratios) of requests that take a slot in the next plan, by key."""
         if values:
-            self.key_value[torch.tensor(list(values))] = torch.tensor(
-                list(values.values()), dtype=self.key_value.dtype
+            self.key_value[torch.tensor(list(values), device=self.device)] = torch.tensor(
+                list(values.values()), dtype=self.key_value.dtype, device=self.device
             )
 
     def _assign_slots(self, keys: torch.Tensor) -> None:
@@ -240,7 +243,7 @@ class PageTable:
         """Keep decisions of the pairs at physical slots [L, X, H, ...] of request slots [X]
         (ratio mode: every generated pair is kept)."""
         if self.ratio is not None:
-            return torch.ones(phys.shape, dtype=torch.bool)
+            return torch.ones(phys.shape, dtype=torch.bool, device=self.device)
         thr = self.slot_value[slots].view(1, -1, *([1] * (phys.dim() - 2)))
         return self.slot_scores[phys] >= thr
 
@@ -271,7 +274,7 @@ class PageTable:
     def _compact(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
         """End of the prompt: judge every token older than the window, keep survivors + window."""
         W, bs = self.window, self.block_size
-        positions = torch.arange(int(num_tokens.max()))
+        positions = torch.arange(int(num_tokens.max()), device=self.device)
         shift = (num_tokens - W).clamp(min=0)
         valid = positions[None] < num_tokens[:, None]  # [C, T]
         judged = (positions[None] < shift[:, None])[None, :, None, :]  # [1, C, 1, T]
@@ -338,18 +341,24 @@ class PageTable:
 
     def _plan(self, rows: StepRows) -> StepPlan:
         W, bs, L, H = self.window, self.block_size, self.num_layers, self.num_heads
-        keys, computed, qlens = rows.keys, rows.num_computed, rows.query_lens
-        B = keys.numel()
+        dev = self.device
+        # sizes known on the host (no device reads); the rest moves to the page state's device
+        B = rows.query_lens.numel()
+        max_qlen = int(rows.query_lens.max()) if B else 0
+        num_step_tokens = int(rows.query_start_loc[-1]) if B else 0
+        any_fresh = bool((rows.num_computed == 0).any())
+        keys, computed, qlens = (t.to(dev) for t in (rows.keys, rows.num_computed, rows.query_lens))
+        is_prefilling, query_start_loc = rows.is_prefilling.to(dev), rows.query_start_loc.to(dev)
         slots = self.slot_of_key[keys]
         fresh = computed == 0
-        if bool(fresh.any()):  # new, or recomputing after preemption: start afresh
+        if any_fresh:  # new, or recomputing after preemption: start afresh
             stale = slots[fresh]
             self._release_slots(stale[stale >= 0])
             self._assign_slots(keys[fresh])
             slots = self.slot_of_key[keys]
         st = self._settle(slots)
         dense = self.dense[slots]  # [B]
-        compacting = dense & (qlens == 1) & ~rows.is_prefilling
+        compacting = dense & (qlens == 1) & ~is_prefilling
         if bool(compacting.any()):  # first decoding step: compact the prompt first
             self.state[:, slots] = st
             self._compact(slots[compacting], computed[compacting])
@@ -400,14 +409,12 @@ class PageTable:
         self._report = (keys, held, next_pages, dense)
 
         # writes: (token, head) -> physical slot, in every layer
-        max_qlen = int(qlens.max()) if B else 0
+        T = num_step_tokens
         if not any_dense and max_qlen == 1:
-            T = B
             write_slots = phys_new.reshape(L, B * H)
         else:
-            tok_req = torch.repeat_interleave(torch.arange(B), qlens)
-            T = tok_req.numel()
-            tok_pos = computed[tok_req] + torch.arange(T) - rows.query_start_loc[:-1][tok_req]
+            tok_req = torch.repeat_interleave(torch.arange(B, device=dev), qlens, output_size=T)
+            tok_pos = computed[tok_req] + torch.arange(T, device=dev) - query_start_loc[:-1][tok_req]
             logical = torch.where(
                 dense[tok_req][None, :, None], tok_pos[None, :, None], new_logical[:, tok_req]
             )  # [L, T, H]
@@ -421,11 +428,11 @@ class PageTable:
             row_qsl = self._row_starts[: B * H + 1]
         else:  # entry e of row r = (b, h): token qsl[b] + e - row_qsl[r], head h
             row_qlens = qlens.repeat_interleave(H)
-            row_qsl = torch.zeros(B * H + 1, dtype=torch.int32)
+            row_qsl = torch.zeros(B * H + 1, dtype=torch.int32, device=dev)
             row_qsl[1:] = row_qlens.cumsum(0)
-            row = torch.repeat_interleave(torch.arange(B * H), row_qlens)
-            t = torch.arange(T * H) - row_qsl[:-1].long()[row]
-            perm = (rows.query_start_loc[row // H] + t) * H + row % H
+            row = torch.repeat_interleave(torch.arange(B * H, device=dev), row_qlens, output_size=T * H)
+            t = torch.arange(T * H, device=dev) - row_qsl[:-1].long()[row]
+            perm = (query_start_loc[row // H] + t) * H + row % H
 
         self.num_tokens[slots] = computed + qlens
         return StepPlan(
@@ -445,9 +452,11 @@ class PageTable:
         layer = self._layer_idx.expand(L, B, H).flatten()
         head = self._head_idx.expand(L, B, H).flatten()
         slot_f = slots[None, :, None].expand(L, B, H).flatten()
-        rep = torch.repeat_interleave(torch.arange(deficit.numel()), deficit)
+        rep = torch.repeat_interleave(
+            torch.arange(deficit.numel(), device=self.device), deficit, output_size=total
+        )
         start = deficit.cumsum(0) - deficit
-        col = have.flatten()[rep] + torch.arange(total) - start[rep]
+        col = have.flatten()[rep] + torch.arange(total, device=self.device) - start[rep]
         self.pages[layer[rep], slot_f[rep], head[rep], col] = self._alloc(total)
 
     def write_layer(self, plan: StepPlan, layer_idx: int, key, value, scores, isa: str) -> None:
@@ -489,13 +498,13 @@ class PageTable:
         slot = int(self.slot_of_key[key]) if 0 <= key < self.slot_of_key.numel() else -1
         if slot < 0:
             return None
-        slots = torch.tensor([slot])
+        slots = torch.tensor([slot], device=self.device)
         if bool(self.dense[slot]):
             # ends in its prompt: count tokens older than the window as judged, as DMS does
             n = int(self.num_tokens[slot])
-            judged = torch.arange(max(0, n - self.window))
+            judged = torch.arange(max(0, n - self.window), device=self.device)
             phys = self._phys(slots, judged.view(1, 1, 1, -1))
-            keep = self._prompt_keep(phys, slots, torch.tensor([judged.numel()]))
+            keep = self._prompt_keep(phys, slots, torch.tensor([judged.numel()], device=self.device))
             pruned = (~keep).sum((1, 2, 3))
         else:
             self.state[:, slots] = self._settle(slots)

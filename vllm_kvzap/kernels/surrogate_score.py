@@ -281,3 +281,22 @@ def score_and_decide(
     if x.is_cuda and HAS_TRITON:
         return score_and_decide_triton(x, w1, b1, w2, b2, threshold)
     return score_and_decide_torch(x, w1, b1, w2, b2, threshold)
+
+
+@torch.library.custom_op("vllm_kvzap::surrogate_scores", mutates_args=())
+def surrogate_scores(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+) -> torch.Tensor:
+    """Scores [T, H] float32 by the Triton kernel, as an opaque op: torch.compile keeps the launch
+    out of its trace, and a captured CUDA graph replays it (no host work but the launch)."""
+    return score_and_decide_triton(x, w1, b1, w2, b2, float("-inf"))[0]
+
+
+@surrogate_scores.register_fake
+def _surrogate_scores_fake(x, w1, b1, w2, b2):
+    num_heads = w1.shape[0] if w2 is None else w2.shape[0]
+    return x.new_empty((x.shape[0], num_heads), dtype=torch.float32)

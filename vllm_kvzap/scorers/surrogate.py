@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvzap.kernels.surrogate_score import score_and_decide
+from vllm_kvzap.kernels.surrogate_score import HAS_TRITON, score_and_decide, surrogate_scores
 from vllm_kvzap.scorers.checkpoint import (
     SurrogateCheckpointError,
     SurrogateConfig,
@@ -138,7 +138,11 @@ class Surrogate:
         return score_and_decide(hidden_states, *self.layer_weights(layer_idx), threshold)
 
     def score(self, hidden_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """Scores [T, H_kv] float32 (approximate log KVzip+ importance) of one layer."""
+        """Scores [T, H_kv] float32 (approximate log KVzip+ importance) of one layer: the Triton
+        kernel as an opaque op on CUDA tensors (inside vLLM's compiled, graph-captured model), the
+        torch twin elsewhere (which torch.compile fuses into the model's graph)."""
+        if hidden_states.is_cuda and HAS_TRITON:
+            return surrogate_scores(hidden_states, *self.layer_weights(layer_idx))
         return self.score_and_decide(hidden_states, layer_idx, float("-inf"))[0]
 
     def check_compatible(

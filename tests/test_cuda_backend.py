@@ -1,0 +1,138 @@
+"""The CUDA path, on this CPU machine: its backend end to end in vLLM's engine, its scoring op, and
+how `engine_setup` chooses (or refuses) attention backends on a CUDA platform.
+
+- The engine test runs vLLM's CPU engine with `attention/cuda_backend.py`'s backend in place of the
+  CPU one (`tests/cuda_path_engine.py`): page state in the plain layout, vLLM's Triton
+  `unified_attention` under `TRITON_INTERPRET=1`, chunked prefill (prompt chunks and decode rows in
+  one step). Greedy tokens, log-probs and per-layer pruned pairs must equal the plain-torch DMS
+  reference, as the CPU backend's do (`test_engine_offline.py`).
+- The scoring op `vllm_kvzap::surrogate_scores` (the Triton kernel, under the interpreter) equals
+  the torch twin, also inside `torch.compile(fullgraph=True)`.
+- Backend choice is tested against a CUDA platform faked on `current_platform`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from vllm.config.attention import AttentionConfig
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+from tests.interpreter import REPO_ROOT, run_in_triton_interpreter
+from tests.test_engine_offline import MAX_TOKENS, WINDOW, check_against_reference, prompts
+from vllm_kvzap.config import KVPruningConfig, KVPruningConfigError
+from vllm_kvzap.engine_setup import prepare_engine_args
+
+
+@pytest.fixture(scope="module")
+def cuda_path_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cuda_path")
+    spec = {
+        "model": str(tiny_model_dir["model"]),
+        "prompts": prompts(),
+        "max_tokens": MAX_TOKENS,
+        "pruning": {"method": "kvzap-mlp", "threshold": -4, "window": WINDOW,
+                    "surrogate": str(tiny_model_dir["mlp"]),
+                    "stats_path": str(tmp / "stats.jsonl")},  # fmt: skip
+        # 32-token steps: the 40- and 150-token prompts are prefilled in chunks, beside decodes
+        "engine": {"max_model_len": 1024, "kv_cache_memory_bytes": 64 * 2**20,
+                   "enable_chunked_prefill": True, "max_num_batched_tokens": 32,
+                   "max_num_seqs": 4},  # fmt: skip
+    }
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.cuda_path_engine", str(tmp / "spec.json"), str(tmp / "out.json")],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-4000:]
+    return json.loads((tmp / "out.json").read_text())
+
+
+def test_cuda_path_engine_equals_reference(cuda_path_run, tiny_model_dir):
+    assert cuda_path_run["key_layout"] == "plain"  # the CUDA path's page table really ran
+    fractions = check_against_reference(cuda_path_run, tiny_model_dir, "mlp")
+    assert max(fractions) > 0.2  # pruning really happened
+
+
+def test_surrogate_scores_op_equals_torch_twin():
+    run_in_triton_interpreter(
+        "import torch\n"
+        "from vllm_kvzap.kernels.surrogate_score import surrogate_scores, score_and_decide_torch\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(37, 64, generator=g).to(torch.bfloat16)\n"
+        "w1, b1 = torch.randn(24, 64, generator=g) / 8, torch.randn(24, generator=g)\n"
+        "w2, b2 = torch.randn(4, 24, generator=g) / 5, torch.randn(4, generator=g)\n"
+        "for args in ((w1, b1, w2, b2), (w1[:4], b1[:4], None, None)):\n"
+        "    ref = score_and_decide_torch(x, *args, 0.0)[0]\n"
+        "    got = surrogate_scores(x, *args)\n"
+        "    assert got.dtype == torch.float32 and got.shape == ref.shape\n"
+        "    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()\n"
+        "    compiled = torch.compile(lambda x: surrogate_scores(x, *args) + 1, fullgraph=True)\n"
+        "    assert torch.allclose(compiled(x), ref + 1, atol=1e-4)\n"
+        "print('OK')\n",
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    from vllm.platforms import current_platform
+
+    from vllm_kvzap.plugin import register
+
+    register()  # on the real (CPU) platform, before it is faked
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+
+
+def _args(**kwargs) -> EngineArgs:
+    return EngineArgs(model="unused", **kwargs)
+
+
+PRUNING = KVPruningConfig.from_additional_config(
+    {"kv_pruning": {"method": "kvzap-mlp", "threshold": -4}}
+)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{}, {"attention_backend": "TRITON_ATTN"}, {"attention_backend": "CUSTOM"},
+     {"attention_config": AttentionConfig(backend=AttentionBackendEnum.TRITON_ATTN)}],
+)  # fmt: skip
+def test_cuda_selects_the_pruning_backend(fake_cuda, given):
+    args = _args(**given)
+    prepare_engine_args(args, PRUNING)
+    assert args.attention_backend == AttentionBackendEnum.CUSTOM
+    assert args.attention_config.backend is None  # not both (vLLM refuses the pair)
+    assert args.kv_transfer_config.kv_connector == "KVzapPruningConnector"
+
+
+def test_cuda_refuses_backends_that_cannot_prune(fake_cuda):
+    with pytest.raises(KVPruningConfigError, match="attention backend FLASH_ATTN"):
+        prepare_engine_args(_args(attention_backend="FLASH_ATTN"), PRUNING)
+
+
+def test_cuda_refuses_mask_mode(fake_cuda):
+    mask = KVPruningConfig.from_additional_config(
+        {"kv_pruning": {"method": "kvzap-mlp", "threshold": -4, "mode": "mask"}}
+    )
+    with pytest.raises(KVPruningConfigError, match="mode 'mask' on a GPU"):
+        prepare_engine_args(_args(), mask)
+
+
+def test_other_platforms_are_refused(monkeypatch):
+    from vllm.platforms import current_platform
+
+    from vllm_kvzap.plugin import register
+
+    register()
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: False)
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    with pytest.raises(KVPruningConfigError, match="CPU and CUDA platforms"):
+        prepare_engine_args(_args(), PRUNING)

@@ -1,0 +1,78 @@
+"""What the plugin's attention backends share in paged mode: the step's rows, one layer's forward,
+and the model features pruning refuses.
+
+Place in the data flow: a backend's metadata builder turns vLLM's `CommonAttentionMetadata` into
+`StepRows` (`step_rows`), which the KV connector hands to the page table to plan before the
+forward pass (`cache/page_table.py`); each decoder layer's `forward` then runs `paged_forward`:
+the plan (made once per step), the layer's scores from the scoring op (`runtime.py`), its K/V and
+scores written into the rows' pages, and attention over the rows in the backend's kernel
+(`rows.attend_layer` on CPU, `triton_rows.attend_layer_triton` on CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+
+from vllm_kvzap.attention.runtime import get_runtime
+from vllm_kvzap.cache.page_table import PageTable, StepPlan, StepRows
+
+
+def step_rows(cm: CommonAttentionMetadata) -> StepRows:
+    """The step's requests from vLLM's metadata: sizes from its host copies (no device sync),
+    keys (first block ids) from its block table, on the device."""
+    num_reqs = cm.num_reqs
+    qsl = cm.query_start_loc_cpu[: num_reqs + 1].long()
+    query_lens = qsl[1:] - qsl[:-1]
+    if cm.is_prefilling is None:
+        raise RuntimeError("kv_pruning needs is_prefilling in the attention metadata")
+    # exact without speculative decoding, which pruning refuses (`engine_setup.py`)
+    seq_lens = cm.seq_lens_cpu_upper_bound
+    seq_lens = cm.seq_lens.cpu() if seq_lens is None else seq_lens
+    return StepRows(
+        keys=cm.block_table_tensor[:num_reqs, 0].long(),
+        num_computed=seq_lens[:num_reqs].long() - query_lens,
+        query_lens=query_lens,
+        is_prefilling=torch.as_tensor(cm.is_prefilling[:num_reqs]).cpu().bool(),
+        query_start_loc=qsl,
+    )
+
+
+def unsupported_features(impl, sliding_window: bool, fp8: bool) -> None:
+    """Refuse models whose attention the rows cannot express."""
+    unsupported = {
+        "sliding window": sliding_window,
+        "logits soft-capping": bool(impl.logits_soft_cap),
+        "ALiBi": impl.alibi_slopes is not None,
+        "attention sinks": impl.sinks is not None,
+        "an fp8 KV cache": fp8,
+    }
+    bad = [name for name, present in unsupported.items() if present]
+    if bad:
+        raise ValueError(f"kv_pruning does not support models with {', '.join(bad)}")
+
+
+def paged_forward(
+    layer_idx: int,
+    rows: StepRows,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    output: torch.Tensor,
+    num_tokens: int,
+    num_heads: int,
+    head_size: int,
+    attend: Callable[[PageTable, StepPlan, int, torch.Tensor, torch.Tensor], None],
+    isa: str | None = None,
+) -> torch.Tensor:
+    """One decoder layer in paged mode; `attend(table, plan, layer, query, out)` is the
+    backend's kernel call over the rows."""
+    runtime = get_runtime()
+    table = runtime.pages
+    plan = table.plan(rows)
+    scores = runtime.layer_scores(layer_idx, key[:num_tokens])
+    table.write_layer(plan, layer_idx, key, value, scores, isa)
+    attend(table, plan, layer_idx, query, output[:num_tokens].view(num_tokens, num_heads, head_size))
+    return output
