@@ -114,6 +114,7 @@ PROFILE_CATEGORIES: dict[str, list[str]] = {
         "vllm_kvzap.cache.manager:KVzapBlockManager.free",
         # the plugin's metadata builder (vLLM's own build, which it calls, is carved out below)
         "vllm_kvzap.attention.cpu_backend:KVzapCPUAttentionMetadataBuilder.build",
+        "vllm_kvzap.attention.cuda_backend:KVzapTritonAttentionMetadataBuilder.build",
     ],
     "attention": [
         # rows + vLLM's CPU kernel (`vllm_kvzap.attention.rows`), wrapped where the backend
@@ -124,9 +125,13 @@ PROFILE_CATEGORIES: dict[str, list[str]] = {
         "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
         "vllm._custom_ops:cpu_attention_with_kv_cache",
         "vllm._custom_ops:cpu_attn_get_scheduler_metadata",
+        # the CUDA path (host-side times only: kernels run asynchronously on a GPU)
+        "vllm_kvzap.attention.cuda_backend:attend_layer_triton",
+        "vllm.v1.attention.backends.triton_attn:TritonAttentionImpl.forward",
     ],
     "rest": [
         "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder.build",
+        "vllm.v1.attention.backends.triton_attn:TritonAttentionMetadataBuilder.build",
     ],
 }
 SPLIT_CATEGORIES = ("scoring", "bookkeeping", "attention")
@@ -224,7 +229,12 @@ MODELS: dict[str, dict] = {
 
 
 def make_smollm2_shape(out_dir: Path, seed: int = 0) -> dict[str, Path]:
-    """Write (or rewrite, deterministically) the model's config.json and a random surrogate."""
+    return make_shape(SMOLLM2_SHAPE_CONFIG, out_dir, SMOLLM2_SHAPE_CONFIG["hidden_size"] // 8, seed)
+
+
+def make_shape(model_config: dict, out_dir: Path, hidden: int, seed: int = 0) -> dict[str, Path]:
+    """Write (or rewrite, deterministically) a model's config.json (for vLLM's dummy weights) and
+    a random KVzap MLP surrogate for it in the published format (D -> hidden -> H_kv per layer)."""
     import torch
 
     from vllm_kvzap.scorers import SurrogateConfig, save_checkpoint
@@ -232,11 +242,10 @@ def make_smollm2_shape(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     out = Path(out_dir).expanduser().resolve()
     paths = {"model": out / "model", "mlp": out / "mlp"}
     paths["model"].mkdir(parents=True, exist_ok=True)
-    (paths["model"] / "config.json").write_text(json.dumps(SMOLLM2_SHAPE_CONFIG, indent=2) + "\n")
-    D = SMOLLM2_SHAPE_CONFIG["hidden_size"]
-    H = SMOLLM2_SHAPE_CONFIG["num_key_value_heads"]
-    L = SMOLLM2_SHAPE_CONFIG["num_hidden_layers"]
-    hidden = D // 8
+    (paths["model"] / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+    D = model_config["hidden_size"]
+    H = model_config["num_key_value_heads"]
+    L = model_config["num_hidden_layers"]
     # vLLM's dummy weights are U(-1e-3, 1e-3), RMSNorm's included, so the hidden states the
     # surrogate reads have an RMS of ~1e-3 / sqrt(3): scale the first layer by its inverse so the
     # pre-activations, and the scores' spread around the bias, are O(1) (with unscaled weights
@@ -435,13 +444,16 @@ def engine_kwargs(paths, wl: dict, pruning: dict | None, args) -> dict:
     return kwargs
 
 
-def drive(llm, prompts, output_lens, on_step=None) -> dict:
-    """Submit every request, step until all finish; per-step output timing on this side."""
+def drive(llm, prompts, output_lens, on_step=None, extra_args=None, id_prefix="") -> dict:
+    """Submit every request, step until all finish; per-step output timing on this side.
+    `extra_args` go to every request's `SamplingParams` (e.g. a per-request threshold); request
+    ids are `id_prefix` + index (distinct prefixes when one engine runs several batches)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     engine = llm.llm_engine
-    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    ids = [f"{id_prefix}{i}" for i in range(len(prompts))]
+    tokens: dict[str, list[int]] = {r: [] for r in ids}
     first_token_step: dict[str, int] = {}
     finished: set[str] = set()
     step_times: list[float] = []  # perf_counter after each step that returned outputs
@@ -449,9 +461,10 @@ def drive(llm, prompts, output_lens, on_step=None) -> dict:
     start = time.perf_counter()
     for i, (prompt, n) in enumerate(zip(prompts, output_lens)):
         params = SamplingParams(
-            max_tokens=n, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+            max_tokens=n, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA,
+            extra_args=extra_args,
         )
-        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+        engine.add_request(ids[i], {"prompt_token_ids": prompt}, params)
     num_steps = 0
     while engine.has_unfinished_requests():
         outs = engine.step()
@@ -493,7 +506,7 @@ def drive(llm, prompts, output_lens, on_step=None) -> dict:
                 decode_median_ms_per_step=1000 * gaps[len(gaps) // 2],
                 decode_tokens_per_s=len(prompts) * n / dt,
             )
-    return result, [tokens[str(i)] for i in range(len(prompts))]
+    return result, [tokens[r] for r in ids]
 
 
 def watch_scheduler(llm) -> dict:

