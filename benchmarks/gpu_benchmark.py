@@ -124,14 +124,18 @@ def running(seen: dict) -> dict:
                 preemptions=seen["preempted"])  # fmt: skip
 
 
-def run_plugin(paths, wl, args, stats_path: Path) -> tuple[dict, list[dict]]:
-    from vllm import LLM
+def run_plugin(
+    paths, wl, args, stats_path: Path, grid=CALIBRATION_GRID,
+    calibration_output: int = CALIBRATION_OUTPUT, window: int = WINDOW,
+) -> tuple[dict, list[dict]]:  # fmt: skip
+    """One plugin engine: calibration on the grid, then the workload at -inf and at each target."""
+    from vllm import LLM, SamplingParams
 
     from benchmarks import throughput_benchmark as tb
     from vllm_kvzap.stats import wait_for_stats
 
     stats_path.unlink(missing_ok=True)
-    pruning = {"method": "kvzap-mlp", "threshold": float("-inf"), "window": WINDOW,
+    pruning = {"method": "kvzap-mlp", "threshold": float("-inf"), "window": window,
                "surrogate": str(paths["mlp"]), "stats_path": str(stats_path)}  # fmt: skip
     t0 = time.perf_counter()
     llm = LLM(**tb.engine_kwargs(paths, wl, pruning, args))
@@ -147,13 +151,10 @@ def run_plugin(paths, wl, args, stats_path: Path) -> tuple[dict, list[dict]]:
     try:
         engine = tb.describe_engine(llm)
         # 1. calibration: one request per grid threshold, in one batch
-        grid = CALIBRATION_GRID
         prompt = wl["prompts"][0]
         t1 = time.perf_counter()
         for i, thr in enumerate(grid):
-            from vllm import SamplingParams
-
-            params = SamplingParams(max_tokens=CALIBRATION_OUTPUT, temperature=0.0,
+            params = SamplingParams(max_tokens=calibration_output, temperature=0.0,
                                     ignore_eos=True, extra_args={"kv_pruning": thr})  # fmt: skip
             llm.llm_engine.add_request(f"calib{i}", {"prompt_token_ids": prompt}, params)
         while llm.llm_engine.has_unfinished_requests():

@@ -1,5 +1,6 @@
-"""The GPU benchmark's parts that run without a GPU: it refuses at once, its model and surrogate
-have the published shapes, and its threshold interpolation inverts a known curve."""
+"""The GPU scripts' parts that run without a GPU: the benchmark refuses at once, its model and
+surrogate have the published shapes, its threshold interpolation inverts a known curve; the
+kernel check refuses at once and imports no vLLM (the GPU machine it is for has none)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,55 @@ def test_interpolation_inverts_a_known_curve():
     assert thresholds == [-2.0, -6.0]
     assert len(notes) == 1 and "0.95" in notes[0]
     assert interpolate_thresholds(grid, [0.0, 0.3, 0.25, 0.8, 0.9], [0.3])[0] == [-5.0]
+
+
+def test_kernel_check_fails_fast_without_gpu_and_imports_no_vllm():
+    # the GPU machine this script is for has no vLLM: neither it nor what it imports may need it
+    code = (
+        "import sys\n"
+        "import benchmarks.gpu_kernel_check, vllm_kvzap.cache.page_table\n"
+        "assert not [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')], 'vllm imported'\n"
+        "sys.exit(benchmarks.gpu_kernel_check.main([]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert "needs an NVIDIA GPU" in proc.stderr, proc.stderr[-2000:]
+    assert "vllm imported" not in proc.stderr
+
+
+def test_benchmark_flow_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """The benchmark's engine runs, on this CPU with the test model: plain vLLM, then one plugin
+    engine that calibrates by per-request thresholds and serves the workload at -inf and at the
+    calibrated threshold; the statistics of each batch are matched to its own requests."""
+    from types import SimpleNamespace
+
+    from benchmarks.gpu_benchmark import run_plain, run_plugin
+    from benchmarks.throughput_benchmark import make_prompts
+
+    config = json.loads((tiny_model_dir["model"] / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    bytes_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
+    n, prompt_len, out_len = 6, 100, 24
+    wl = dict(prompts=make_prompts(n, prompt_len, seed=0), output_lens=[out_len] * n,
+              max_model_len=256, bytes_per_token=bytes_per_token,
+              kv_bytes=3 * 256 * bytes_per_token)  # fmt: skip
+    args = SimpleNamespace(dtype="float32", load_format="auto", plugin_block_size=None,
+                           targets=[0.3])  # fmt: skip
+    paths = {"model": tiny_model_dir["model"], "mlp": tiny_model_dir["mlp"]}
+    plain = run_plain(paths, wl, args)
+    grid = [-12.0, -8.0, -6.0, -5.0, -4.5, -4.0, -3.5, -3.0, -2.0]
+    calibration, plugin = run_plugin(paths, wl, args, tmp_path / "stats.jsonl", grid=grid,
+                                     calibration_output=out_len, window=16)  # fmt: skip
+    assert plain["output_tokens"] == n * out_len
+    fractions = calibration["fractions"]
+    assert fractions[0] < 0.1 and fractions[-1] > 0.6, fractions  # the grid brackets the target
+    (threshold,) = calibration["thresholds"]
+    assert grid[0] < threshold < grid[-1]
+    at_inf, at_target = plugin
+    for level in plugin:
+        assert level["output_tokens"] == n * out_len and level["stats_lines"] == n
+    assert at_inf["threshold"] == float("-inf") and at_inf["pruned_fraction"] == 0.0
+    assert at_target["threshold"] == threshold
+    assert at_target["pruned_fraction"] == pytest.approx(0.3, abs=0.1)  # calibrated on the curve
+    assert at_target["kv_kib_peak"] < at_inf["kv_kib_peak"]

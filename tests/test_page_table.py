@@ -144,13 +144,22 @@ def test_rows_expose_exactly_what_dms_keeps(window, layout):
 @pytest.mark.parametrize("window", [0, 5, 40])
 def test_cuda_path_rows_in_triton_unified_attention(window):
     """The same scenario through the CUDA path's kernel (plain pages, torch writes, vLLM's Triton
-    `unified_attention`), on CPU tensors under the interpreter: decode rows and prompt chunks mixed,
-    GQA groups of 3, ragged lengths, windows below and above the sequences."""
+    `unified_attention`), on CPU tensors under the interpreter: decode rows and prompt chunks mixed
+    (the 2D kernel), decode-only steps (its split-KV variant), GQA groups of 3, ragged lengths,
+    windows below and above the sequences."""
     run_in_triton_interpreter(
         "import triton, triton.language as tl, vllm.triton_utils as tu\n"
         "tu.triton, tu.tl, tu.HAS_TRITON = triton, tl, True  # the CPU build hands out placeholders\n"
+        "import vllm.v1.attention.ops.triton_unified_attention as tua\n"
+        "launch, split_kv = tua.unified_attention, []\n"
+        "def counting(**kw):  # the variant the kernel picks: split-KV (3D) on decode-only steps\n"
+        "    split_kv.append(kw['max_seqlen_q'] == 1\n"
+        "                    and kw['seqused_k'].numel() <= kw['seq_threshold_3D'])\n"
+        "    return launch(**kw)\n"
+        "tua.unified_attention = counting\n"
         "from tests.test_page_table import scenario, TRITON\n"
         f"scenario({window}, TRITON, [3, 45, 70], steps=12)\n"
+        "assert any(split_kv) and not all(split_kv), split_kv  # both variants ran\n"
         "print('OK')\n",
         timeout=600,
     )

@@ -27,7 +27,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from vllm_kvzap.cache.manager import KVzapBlockManager, ResidentReport
+from vllm_kvzap.cache.manager import KVzapBlockManager
+from vllm_kvzap.cache.page_table import ResidentReport
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.metrics import COUNTERS, KVzapConnectorStats, KVzapPromMetrics
 from vllm_kvzap.stats import FinishedRequest, StatsRecorder, request_stats

@@ -9,6 +9,10 @@ kernel: row `r` reads slots `0 .. seq_lens[r] - 1` of its pages `block_tables[r]
 each row's query is its KV head's GQA group (`[q_len, G, D]`, regrouped as in `attention/rows.py`),
 `cu_seqlens_q` the rows' query starts and `seqused_k` their lengths. Nothing here reads the GPU
 back: the plan's host-side bounds (`max_query_len`, `max_seq_len`) size the launch.
+
+Decode-only steps with few rows (at most vLLM's `MIN_LAUNCH_GRID_SIZE_2D`: the 2D grid would leave
+most of the GPU idle) use the kernel's split-KV (3D) variant, as vLLM's own backend does, with
+segment buffers for that many rows kept on the page table.
 """
 
 from __future__ import annotations
@@ -26,6 +30,30 @@ def kv_cache_views(table: PageTable) -> tuple[torch.Tensor, torch.Tensor]:
     return table.key_cache.transpose(1, 2), table.value_cache.transpose(1, 2)
 
 
+def split_kv_buffers(table: PageTable, group: int, head_size: int, device) -> tuple:
+    """(rows threshold, segments, output, max, expsum) for the split-KV variant, allocated once."""
+    from vllm.utils.math_utils import next_power_of_2
+    from vllm.v1.attention.backends.triton_attn import (
+        MIN_LAUNCH_GRID_SIZE_2D,
+        NUM_PAR_SOFTMAX_SEGMENTS,
+    )
+
+    key = (group, head_size, str(device))
+    cached = getattr(table, "_split_kv", None)
+    if cached is None or cached[0] != key:
+        rows, segs = MIN_LAUNCH_GRID_SIZE_2D, NUM_PAR_SOFTMAX_SEGMENTS  # one KV head per row
+        f32 = dict(dtype=torch.float32, device=device)
+        buffers = (
+            rows,
+            segs,
+            torch.empty(rows, group, segs, next_power_of_2(head_size), **f32),
+            torch.empty(rows, group, segs, **f32),
+            torch.empty(rows, group, segs, **f32),
+        )
+        table._split_kv = cached = (key, buffers)
+    return cached[1]
+
+
 def attend_layer_triton(
     table: PageTable,
     plan: StepPlan,
@@ -38,6 +66,9 @@ def attend_layer_triton(
 
     rows_q, out_rows = row_queries(plan, query, out, table.num_heads)
     k_cache, v_cache = kv_cache_views(table)
+    threshold, segments, segm_out, segm_max, segm_expsum = split_kv_buffers(
+        table, rows_q.shape[1], rows_q.shape[2], rows_q.device
+    )
     unified_attention(
         q=rows_q,
         k=k_cache,
@@ -55,5 +86,11 @@ def attend_layer_triton(
         q_descale=None,
         k_descale=None,
         v_descale=None,
+        # split-KV for decode-only steps of at most `threshold` rows (the kernel decides)
+        seq_threshold_3D=threshold,
+        num_par_softmax_segments=segments,
+        softmax_segm_output=segm_out,
+        softmax_segm_max=segm_max,
+        softmax_segm_expsum=segm_expsum,
     )
     scatter_rows(plan, out, out_rows, table.num_heads)

@@ -18,17 +18,10 @@ pages there); later slabs are pure accounting, so the worker's block-table rows 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
-
-@dataclass
-class ResidentReport:
-    pages: int  # pages held after the last step
-    next_pages: int  # most pages the next decoding step may hold
-    dense: bool  # still in its prompt: the next step is a prefill chunk
+from vllm_kvzap.cache.page_table import ResidentReport
 
 
 class KVzapBlockManager(FullAttentionManager):

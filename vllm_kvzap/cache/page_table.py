@@ -39,7 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvzap.cache.manager import ResidentReport
+
+@dataclass
+class ResidentReport:
+    pages: int  # pages held after the last step
+    next_pages: int  # most pages the next decoding step may hold
+    dense: bool  # still in its prompt: the next step is a prefill chunk
 
 
 @dataclass
