@@ -35,6 +35,7 @@ def main(spec_path: str, out_path: str) -> None:
 
     from vllm import LLM, SamplingParams
 
+    from tests.test_engine_offline import greedy_results
     from vllm_kvzap.attention.runtime import get_runtime
     from vllm_kvzap.stats import wait_for_stats
 
@@ -54,13 +55,8 @@ def main(spec_path: str, out_path: str) -> None:
     # counts reach the scheduler with the next step, so run one more
     llm.generate([{"prompt_token_ids": [1]}], SamplingParams(max_tokens=1), use_tqdm=False)
     stats = {s["request_id"]: s for s in wait_for_stats(spec["pruning"]["stats_path"], len(outs))}
+    results = greedy_results(outs, stats)
     runtime = get_runtime()
-    results = []
-    for out in outs:
-        completion = out.outputs[0]
-        tokens = list(completion.token_ids)
-        logprobs = [completion.logprobs[i][t].logprob for i, t in enumerate(tokens)]
-        results.append({"tokens": tokens, "logprobs": logprobs, "stats": stats.get(out.request_id)})
     # "plain" comes only from the CUDA path's backend (`page_key_layout`)
     json.dump({"results": results, "key_layout": runtime.pages.key_layout}, open(out_path, "w"))
     print("OK")

@@ -56,13 +56,18 @@ def run_engine(tiny, tmp_path_factory, pruning: dict | None, **engine_kwargs) ->
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+    return {"results": greedy_results(outs, stats), "num_stats": len(stats)}
+
+
+def greedy_results(outs, stats: dict) -> list[dict]:
+    """Tokens, their log-probabilities and the statistics line of each request's output."""
     results = []
     for out in outs:
         completion = out.outputs[0]
         tokens = list(completion.token_ids)
         logprobs = [completion.logprobs[i][t].logprob for i, t in enumerate(tokens)]
         results.append({"tokens": tokens, "logprobs": logprobs, "stats": stats.get(out.request_id)})
-    return {"results": results, "num_stats": len(stats)}
+    return results
 
 
 @pytest.fixture(scope="module")

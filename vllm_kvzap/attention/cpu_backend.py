@@ -22,7 +22,6 @@ KV cache layout: vLLM's CPU shape `[num_blocks, H_kv, block_size, 2 * head_size]
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,18 +33,20 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_kvzap.attention.paged_step import (
+    layer_index,
+    paged_forward,
+    paged_spec,
+    prunes,
+    pruning_config,
+    step_rows,
+    unsupported_features,
+)
 from vllm_kvzap.attention.rows import SUPPORTED_ISAS, attend_layer
-from vllm_kvzap.attention.paged_step import paged_forward, step_rows, unsupported_features
 from vllm_kvzap.attention.runtime import get_runtime
 from vllm_kvzap.cache.page_table import StepRows
-from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.kernels.paged_attention import paged_attention_masked_torch
-
-
-def _pruning_config(vllm_config) -> KVPruningConfig:
-    return KVPruningConfig.from_additional_config(vllm_config.additional_config)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class KVzapCPUAttentionMetadata(CPUAttentionMetadata):
 class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.pruning = _pruning_config(vllm_config)
+        self.pruning = pruning_config(vllm_config)
         if self.pruning.paged and self.isa not in SUPPORTED_ISAS:
             if self.isa != "amx":
                 raise ValueError(
@@ -104,20 +105,13 @@ class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.pruning = _pruning_config(get_current_vllm_config())
+        self.pruning = pruning_config(get_current_vllm_config())
         self.layer_idx: int | None = None
         if self.pruning.enabled and self.attn_type == AttentionType.DECODER:
             unsupported_features(self, self.sliding_window != -1, self.is_fp8_kv_cache)
 
-    def _prunes(self) -> bool:
-        return (
-            self.pruning.enabled
-            and self.attn_type == AttentionType.DECODER
-            and get_runtime() is not None
-        )
-
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        if not self._prunes():
+        if not prunes(self):
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if self.pruning.paged:
             return  # paged mode writes K/V into the request's pages in `forward`
@@ -143,32 +137,29 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         output_scale=None,
         output_block_scale=None,
     ):
-        if attn_metadata is None or not self._prunes():
+        if attn_metadata is None or not prunes(self):
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale, output_block_scale,
             )  # fmt: skip
-        if self.layer_idx is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            self.layer_idx = extract_layer_index(layer.layer_name)
+        layer_idx = layer_index(self, layer)
         runtime = get_runtime()
         n = attn_metadata.num_actual_tokens
         if self.pruning.paged:
             isa = layer.isa
 
-            def attend(table, plan, layer_idx, q, out):
-                attend_layer(table, plan, layer_idx, q, out, self.scale, isa)
+            def attend(table, plan, layer, q, out):
+                attend_layer(table, plan, layer, q, out, self.scale, isa)
 
             return paged_forward(
-                self.layer_idx, attn_metadata.rows, query, key, value, output, n,
+                layer_idx, attn_metadata.rows, query, key, value, output, n,
                 self.num_heads, self.head_size, attend, isa,
             )  # fmt: skip
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         keep_cache = runtime.keep_cache(
-            self.layer_idx, num_blocks * block_size, num_kv_heads, kv_cache.device
+            layer_idx, num_blocks * block_size, num_kv_heads, kv_cache.device
         )
-        keep = runtime.keep_flags(self.layer_idx, key[:n])
+        keep = runtime.keep_flags(layer_idx, key[:n])
         keep_cache[attn_metadata.slot_mapping[:n].long()] = keep[:n]
         key_cache, value_cache = _split_kv_cache(kv_cache)
         paged_attention_masked_torch(
@@ -210,14 +201,7 @@ class KVzapCPUAttentionBackend(CPUAttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec):
-        spec = super().customize_spec(spec)
-        runtime = get_runtime()  # installed with the model, before the KV cache specs are asked
-        if runtime is not None and runtime.config.paged and type(spec) is FullAttentionSpec:
-            from vllm_kvzap.cache.spec import KVzapAttentionSpec
-
-            fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
-            return KVzapAttentionSpec(**fields)
-        return spec
+        return paged_spec(super().customize_spec(spec))
 
     @staticmethod
     def get_impl_cls() -> type[KVzapCPUAttentionBackendImpl]:

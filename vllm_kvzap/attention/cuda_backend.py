@@ -36,22 +36,20 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadata,
     TritonAttentionMetadataBuilder,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from vllm_kvzap.attention.paged_step import (
+    layer_index,
     paged_forward,
+    paged_spec,
+    prunes,
+    pruning_config,
     step_rows,
     unsupported_features,
 )
 from vllm_kvzap.attention.runtime import get_runtime
 from vllm_kvzap.attention.triton_rows import attend_layer_triton
 from vllm_kvzap.cache.page_table import StepRows
-from vllm_kvzap.config import KVPruningConfig
-
-
-def _pruning_config(vllm_config) -> KVPruningConfig:
-    return KVPruningConfig.from_additional_config(vllm_config.additional_config)
 
 
 @dataclass
@@ -81,7 +79,7 @@ class KVzapTritonAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
 class KVzapTritonAttentionImpl(TritonAttentionImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.pruning = _pruning_config(get_current_vllm_config())
+        self.pruning = pruning_config(get_current_vllm_config())
         self.layer_idx: int | None = None
         if not self.pruning.paged and self.pruning.enabled:
             raise ValueError("kv_pruning mode 'mask' runs on vLLM's CPU platform only; use 'paged'")
@@ -92,18 +90,11 @@ class KVzapTritonAttentionImpl(TritonAttentionImpl):
                 fp8=is_quantized_kv_cache(self.kv_cache_dtype),
             )
 
-    def _prunes(self) -> bool:
-        return (
-            self.pruning.enabled
-            and self.attn_type == AttentionType.DECODER
-            and get_runtime() is not None
-        )
-
     def fused_rope_kvcache_supported(self):
-        return False if self._prunes() else super().fused_rope_kvcache_supported()
+        return False if prunes(self) else super().fused_rope_kvcache_supported()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        if self._prunes():
+        if prunes(self):
             return None  # written into the rows' pages in `forward`
         return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
 
@@ -119,23 +110,20 @@ class KVzapTritonAttentionImpl(TritonAttentionImpl):
         output_scale=None,
         output_block_scale=None,
     ):
-        if attn_metadata is None or not self._prunes():
+        if attn_metadata is None or not prunes(self):
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale, output_block_scale,
             )  # fmt: skip
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("kv_pruning does not fuse output quantization")
-        if self.layer_idx is None:
-            from vllm.model_executor.models.utils import extract_layer_index
+        layer_idx = layer_index(self, layer)
 
-            self.layer_idx = extract_layer_index(layer.layer_name)
-
-        def attend(table, plan, layer_idx, q, out):
-            attend_layer_triton(table, plan, layer_idx, q, out, self.scale)
+        def attend(table, plan, layer, q, out):
+            attend_layer_triton(table, plan, layer, q, out, self.scale)
 
         return paged_forward(
-            self.layer_idx, attn_metadata.rows, query, key, value, output,
+            layer_idx, attn_metadata.rows, query, key, value, output,
             attn_metadata.num_actual_tokens, self.num_heads, self.head_size, attend,
         )  # fmt: skip
 
@@ -154,14 +142,7 @@ class KVzapTritonAttentionBackend(TritonAttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec):
-        spec = super().customize_spec(spec)
-        runtime = get_runtime()  # installed with the model, before the KV cache specs are asked
-        if runtime is not None and runtime.config.paged and type(spec) is FullAttentionSpec:
-            from vllm_kvzap.cache.spec import KVzapAttentionSpec
-
-            fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
-            return KVzapAttentionSpec(**fields)
-        return spec
+        return paged_spec(super().customize_spec(spec))
 
     @staticmethod
     def get_impl_cls() -> type[KVzapTritonAttentionImpl]:

@@ -1,5 +1,5 @@
-"""What the plugin's attention backends share in paged mode: the step's rows, one layer's forward,
-and the model features pruning refuses.
+"""What the plugin's attention backends share: the pruning options, which layers prune, the paged
+spec, the step's rows, one layer's paged forward, and the model features pruning refuses.
 
 Place in the data flow: a backend's metadata builder turns vLLM's `CommonAttentionMetadata` into
 `StepRows` (`step_rows`), which the KV connector hands to the page table to plan before the
@@ -11,13 +11,50 @@ scores written into the rows' pages, and attention over the rows in the backend'
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
-from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvzap.attention.runtime import get_runtime
 from vllm_kvzap.cache.page_table import PageTable, StepPlan, StepRows
+from vllm_kvzap.config import KVPruningConfig
+
+
+def pruning_config(vllm_config) -> KVPruningConfig:
+    return KVPruningConfig.from_additional_config(vllm_config.additional_config)
+
+
+def prunes(impl) -> bool:
+    """Whether a backend impl (with `pruning` and `attn_type`) applies pruning to its layer."""
+    return (
+        impl.pruning.enabled
+        and impl.attn_type == AttentionType.DECODER
+        and get_runtime() is not None
+    )
+
+
+def layer_index(impl, layer) -> int:
+    """The impl's decoder layer index, from its layer's name (found once)."""
+    if impl.layer_idx is None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        impl.layer_idx = extract_layer_index(layer.layer_name)
+    return impl.layer_idx
+
+
+def paged_spec(spec):
+    """A backend's `customize_spec` in paged mode: the plugin's spec, which selects its block
+    manager (`cache/spec.py`); the runtime is installed with the model, before specs are asked."""
+    runtime = get_runtime()
+    if runtime is not None and runtime.config.paged and type(spec) is FullAttentionSpec:
+        from vllm_kvzap.cache.spec import KVzapAttentionSpec
+
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
+        return KVzapAttentionSpec(**fields)
+    return spec
 
 
 def step_rows(cm: CommonAttentionMetadata) -> StepRows:
