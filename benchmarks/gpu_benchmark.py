@@ -270,29 +270,32 @@ def main() -> None:
     print(f"KV-bound workload: {args.num_requests} x ({args.prompt_len} prompt + {lo}..{hi} "
           f"output), KV budget {wl['kv_bytes'] / 2**30:.2f} GiB = {args.kv_requests} full "
           f"requests", flush=True)  # fmt: skip
-    plain = run_plain(paths, wl, engine_args)
-    print(f"plain vLLM: {plain['output_tokens_per_s']:.0f} tok/s", flush=True)
-    calibration, plugin = run_plugin(paths, wl, engine_args, out / "gpu_benchmark_stats.jsonl")
-    results = [plain, *plugin]
-    print_table(results)
-
     import torch
     import vllm
 
     report = dict(
         device=torch.cuda.get_device_name(0), vllm=vllm.__version__, torch=torch.__version__,
-        command=" ".join(sys.argv), wall_s=time.perf_counter() - t0, model="Qwen3-8B shape, dummy",
+        command=" ".join(sys.argv), model="Qwen3-8B shape, dummy",
         workload=dict(num_requests=args.num_requests, prompt_len=args.prompt_len,
                       output_len=[lo, hi], kv_requests=args.kv_requests, window=WINDOW,
                       kv_bytes=wl["kv_bytes"]),
-        calibration=calibration, results=results,
     )  # fmt: skip
-    (out / "gpu_benchmark.json").write_text(json.dumps(tb.jsonable(report), indent=2) + "\n")
+    json_path = out / "gpu_benchmark.json"
+
+    def save(**parts) -> None:  # after each engine, so a later failure keeps what was measured
+        report.update(parts, wall_s=time.perf_counter() - t0)
+        json_path.write_text(json.dumps(tb.jsonable(report), indent=2) + "\n")
+
+    plain = run_plain(paths, wl, engine_args)
+    print(f"plain vLLM: {plain['output_tokens_per_s']:.0f} tok/s", flush=True)
+    save(results=[plain])
+    calibration, plugin = run_plugin(paths, wl, engine_args, out / "gpu_benchmark_stats.jsonl")
+    results = [plain, *plugin]
+    save(calibration=calibration, results=results)
+    print_table(results)
     plot(results, out / "gpu_benchmark.png",
          f"{report['device']}: Qwen3-8B shape, KV-bound ({args.num_requests} requests)")
-    print(f"\nwrote {out / 'gpu_benchmark.json'} and {out / 'gpu_benchmark.png'} "
-          f"({report['wall_s']:.0f} s)")
-
+    print(f"\nwrote {json_path} and {out / 'gpu_benchmark.png'} ({report['wall_s']:.0f} s)")
 
 if __name__ == "__main__":
     main()

@@ -76,7 +76,7 @@ def test_benchmark_flow_on_the_tiny_model(tiny_model_dir, tmp_path):
     calibrated threshold; the statistics of each batch are matched to its own requests."""
     from types import SimpleNamespace
 
-    from benchmarks.gpu_benchmark import run_plain, run_plugin
+    from benchmarks.gpu_benchmark import plot, print_table, run_plain, run_plugin
     from benchmarks.throughput_benchmark import make_prompts
 
     config = json.loads((tiny_model_dir["model"] / "config.json").read_text())
@@ -105,3 +105,6 @@ def test_benchmark_flow_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert at_target["threshold"] == threshold
     assert at_target["pruned_fraction"] == pytest.approx(0.3, abs=0.1)  # calibrated on the curve
     assert at_target["kv_kib_peak"] < at_inf["kv_kib_peak"]
+    print_table([plain, *plugin])  # the report's table and plot take these results
+    plot([plain, *plugin], tmp_path / "gpu_benchmark.png", "tiny")
+    assert (tmp_path / "gpu_benchmark.png").stat().st_size > 0
