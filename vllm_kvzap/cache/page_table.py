@@ -429,8 +429,9 @@ class PageTable:
             phys_new = page[..., 0] * bs + offset[..., 0]
             keep = self._keep(phys_new, slots)
             pend = torch.where(leaving[None, :, None], PEND_PRUNE - keep.long(), PEND_NONE)
-            if bool(leaving.any()):  # all layers' leaving tokens -> their probation slots
-                if not bool(leaving.all()):
+            num_leaving = int(leaving.sum())  # one device read for both tests
+            if num_leaving:  # all layers' leaving tokens -> their probation slots
+                if num_leaving < B:
                     page, offset = page[:, leaving], offset[:, leaving]
                 self._move_pairs(page[..., 0], offset[..., 0], page[..., 1], offset[..., 1])
         else:
