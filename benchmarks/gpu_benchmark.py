@@ -96,26 +96,11 @@ def interpolate_thresholds(grid: list[float], fractions: list[float], targets: l
 
 
 def run_plain(paths, wl, args) -> dict:
-    from vllm import LLM
-
+    """Plain vLLM at its defaults on the workload (the CPU benchmark's run, `run_config`)."""
     from benchmarks import throughput_benchmark as tb
 
-    t0 = time.perf_counter()
-    llm = LLM(**tb.engine_kwargs(paths, wl, None, args))
-    startup = time.perf_counter() - t0
-    try:
-        engine = tb.describe_engine(llm)
-        seen = tb.watch_scheduler(llm)
-        result, _ = tb.drive(llm, wl["prompts"], wl["output_lens"])
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-    dense = [tb.dense_kv_bytes(len(p) + n - 1, engine["block_size"], wl["bytes_per_token"])
-             for p, n in zip(wl["prompts"], wl["output_lens"])]  # fmt: skip
-    kib = sum(dense) / len(dense) / 1024
-    return dict(config="plain vLLM", threshold=None, startup_s=startup, engine_config=engine,
-                **result, **running(seen), kv_kib_peak=kib, dense_kv_kib=kib)  # fmt: skip
+    result, _ = tb.run_config(paths, wl, "plain vLLM", None, None, args)
+    return result
 
 
 def running(seen: dict) -> dict:
@@ -184,7 +169,7 @@ def run_plugin(
                 config=label, threshold=thr, startup_s=startup, engine_config=engine, **result,
                 **running(seen), stats_lines=len(stats),
                 pruned_fraction=sum(s["pruned_fraction"] for s in stats) / n,
-                kv_kib_peak=sum(s["resident_kv_bytes_peak"] for s in stats) / n / 1024,
+                resident_kv_kib_peak=sum(s["resident_kv_bytes_peak"] for s in stats) / n / 1024,
                 dense_kv_kib=sum(s["dense_kv_bytes"] for s in stats) / n / 1024,
             ))  # fmt: skip
             print(f"{label}: {result['output_tokens_per_s']:.0f} tok/s", flush=True)
@@ -207,7 +192,7 @@ def print_table(results: list[dict]) -> None:
         step = r.get("decode_median_ms_per_step")
         print(f"{r['config']:<18} {thr:>9} {pruned:>6} {r['output_tokens_per_s']:>8.0f} "
               f"{r['output_tokens_per_s'] / plain:>7.2f} {r['peak_running']:>8} "
-              f"{r['mean_running']:>8.1f} {r['preemptions']:>7} {r['kv_kib_peak'] / 1024:>10.1f} "
+              f"{r['mean_running']:>8.1f} {r['preemptions']:>7} {r['resident_kv_kib_peak'] / 1024:>10.1f} "
               f"{r['dense_kv_kib'] / 1024:>6.1f} {'' if step is None else f'{step:.1f}':>14}")  # fmt: skip
 
 
@@ -220,7 +205,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     labels = [r["config"] for r in results]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     panels = [("output_tokens_per_s", "output tokens/s"), ("mean_running", "mean running requests"),
-              ("kv_kib_peak", "KV per request, peak (KiB)")]  # fmt: skip
+              ("resident_kv_kib_peak", "KV per request, peak (KiB)")]  # fmt: skip
     for ax, (key, name) in zip(axes, panels):
         ax.bar(labels, [r[key] for r in results], color=["grey"] + ["tab:green"] * (len(labels) - 1))
         ax.set_title(name)

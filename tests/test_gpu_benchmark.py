@@ -104,7 +104,7 @@ def test_benchmark_flow_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert at_inf["threshold"] == float("-inf") and at_inf["pruned_fraction"] == 0.0
     assert at_target["threshold"] == threshold
     assert at_target["pruned_fraction"] == pytest.approx(0.3, abs=0.1)  # calibrated on the curve
-    assert at_target["kv_kib_peak"] < at_inf["kv_kib_peak"]
+    assert at_target["resident_kv_kib_peak"] < at_inf["resident_kv_kib_peak"]
     print_table([plain, *plugin])  # the report's table and plot take these results
     plot([plain, *plugin], tmp_path / "gpu_benchmark.png", "tiny")
     assert (tmp_path / "gpu_benchmark.png").stat().st_size > 0

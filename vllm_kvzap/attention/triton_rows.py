@@ -12,10 +12,12 @@ back: the plan's host-side bounds (`max_query_len`, `max_seq_len`) size the laun
 
 Decode-only steps with few rows (at most vLLM's `MIN_LAUNCH_GRID_SIZE_2D`: the 2D grid would leave
 most of the GPU idle) use the kernel's split-KV (3D) variant, as vLLM's own backend does, with
-segment buffers for that many rows kept on the page table.
+segment buffers for that many rows allocated once.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -30,28 +32,25 @@ def kv_cache_views(table: PageTable) -> tuple[torch.Tensor, torch.Tensor]:
     return table.key_cache.transpose(1, 2), table.value_cache.transpose(1, 2)
 
 
-def split_kv_buffers(table: PageTable, group: int, head_size: int, device) -> tuple:
-    """(rows threshold, segments, output, max, expsum) for the split-KV variant, allocated once."""
+@functools.cache
+def split_kv_buffers(group: int, head_size: int, device: torch.device) -> tuple:
+    """(rows threshold, segments, output, max, expsum) for the split-KV variant: scratch that the
+    layers' kernel calls reuse one after another, allocated once per shape and device."""
     from vllm.utils.math_utils import next_power_of_2
     from vllm.v1.attention.backends.triton_attn import (
         MIN_LAUNCH_GRID_SIZE_2D,
         NUM_PAR_SOFTMAX_SEGMENTS,
     )
 
-    key = (group, head_size, str(device))
-    cached = getattr(table, "_split_kv", None)
-    if cached is None or cached[0] != key:
-        rows, segs = MIN_LAUNCH_GRID_SIZE_2D, NUM_PAR_SOFTMAX_SEGMENTS  # one KV head per row
-        f32 = dict(dtype=torch.float32, device=device)
-        buffers = (
-            rows,
-            segs,
-            torch.empty(rows, group, segs, next_power_of_2(head_size), **f32),
-            torch.empty(rows, group, segs, **f32),
-            torch.empty(rows, group, segs, **f32),
-        )
-        table._split_kv = cached = (key, buffers)
-    return cached[1]
+    rows, segs = MIN_LAUNCH_GRID_SIZE_2D, NUM_PAR_SOFTMAX_SEGMENTS  # one KV head per row
+    f32 = dict(dtype=torch.float32, device=device)
+    return (
+        rows,
+        segs,
+        torch.empty(rows, group, segs, next_power_of_2(head_size), **f32),
+        torch.empty(rows, group, segs, **f32),
+        torch.empty(rows, group, segs, **f32),
+    )
 
 
 def attend_layer_triton(
@@ -67,7 +66,7 @@ def attend_layer_triton(
     rows_q, out_rows = row_queries(plan, query, out, table.num_heads)
     k_cache, v_cache = kv_cache_views(table)
     threshold, segments, segm_out, segm_max, segm_expsum = split_kv_buffers(
-        table, rows_q.shape[1], rows_q.shape[2], rows_q.device
+        rows_q.shape[1], rows_q.shape[2], rows_q.device
     )
     unified_attention(
         q=rows_q,
