@@ -1,15 +1,18 @@
-"""The project's GPU code without vLLM: the Triton scoring kernel against its torch twin, and the
-page table on CUDA tensors against the same steps on CPU tensors, with timings.
+"""GPU checks without vLLM: the scoring paths and the page table against their CPU twins, timed.
 
     python -m benchmarks.gpu_kernel_check [--out benchmarks/results/gpu_kernels.json]
 
 For a machine with an NVIDIA GPU and no vLLM (imports only ``vllm_kvzap.kernels``,
 ``vllm_kvzap.cache.page_table``, torch and Triton):
-- scoring: Qwen3-8B's surrogate shapes (input 4096, 8 KV heads, MLP hidden 512, and the linear
-  surrogate), token counts from one decoding step to a long prefill chunk, in bfloat16 and float32
-  inputs. For each: the largest score difference and the share of differing keep flags against
-  ``score_and_decide_torch`` (float32 math), and the median time of both (CUDA events, after
-  warm-up);
+- scoring, at Qwen3-8B's surrogate shapes (input 4096, 8 KV heads, MLP hidden 512, and the linear
+  surrogate), w1 in the inputs' dtype as the ``Surrogate`` keeps it: per token count (one decoding
+  step to a long prefill chunk, both sides of ``TRITON_MAX_TOKENS``), the Triton kernel's and the
+  torch path's (cuBLAS GEMMs in bf16, fp32 out) GPU time, replayed from a CUDA graph as vLLM runs
+  a step, their largest score difference against ``score_and_decide_torch`` (float32 math on the
+  same bf16-rounded inputs), and which path ``use_triton`` picks; a tile sweep of the MLP kernel
+  (to revise ``_launch_config``); and the cost of 36 layers' scoring in one decode step at batch
+  64 (one CUDA graph, every layer its own weights, so w1 comes from memory as in a real step) as
+  a share of a plain Qwen3-8B decode step, estimated from the H100's memory bandwidth;
 - page table (the CUDA path's page state, plain key layout): a batch of requests through a dense
   prompt step and decoding steps (compaction, window, probation, page allocation), every layer's
   K/V and scores written; on CUDA and on CPU from the same inputs, and every step's plan (block
@@ -29,50 +32,100 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvzap.kernels.surrogate_score import score_and_decide_torch, score_and_decide_triton
+from vllm_kvzap.kernels import surrogate_score as ss
 
-D, H, N = 4096, 8, 512  # Qwen3-8B: hidden size, KV heads, MLP hidden width of NVIDIA's surrogates
-TOKENS = (1, 64, 512, 4096, 16384)
+D, H, N, LAYERS = 4096, 8, 512, 36  # Qwen3-8B: hidden size, KV heads, surrogate MLP width, layers
+TOKENS = (1, 64, 256, 1024, 2048, 8192)
 THRESHOLD = -4.0
+MAX_SCORE_DIFF = 2e-3  # Triton vs the twin on the same inputs: fp32 sums in another order only
+# A plain Qwen3-8B decode step, from memory traffic: bf16 weights read once, plus the batch's KV.
+DECODE_BATCH, CONTEXT = 64, 1024
+WEIGHT_BYTES, HBM_BYTES_PER_S = 16.4e9, 3.0e12  # H100 SXM: 3.35 TB/s peak, ~3.0 achieved
+KV_BYTES_PER_TOKEN = LAYERS * H * 128 * 2 * 2  # K and V, head size 128, bf16
 
 
-def timed(fn, reps: int = 20) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream."""
-    for _ in range(3):
+def gpu_ms(fn, reps: int = 20, calls: int = 10) -> float:
+    """Median GPU milliseconds of one ``fn()``, replayed ``calls`` times from a CUDA graph (as
+    vLLM replays a step: no host launch overhead)."""
+    side = torch.cuda.Stream()  # warm up (Triton compile, cuBLAS handles) off the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
 
 
+def surrogate_weights(kind: str, gen: torch.Generator, dtype: torch.dtype, layers: int = 1):
+    """(w1 in dtype, b1, w2, b2) stacked over layers, float32 but w1, on the GPU."""
+    n = N if kind == "mlp" else H
+    w1 = (torch.randn(layers, n, D, generator=gen) / D**0.5).to("cuda", dtype)
+    b1 = torch.randn(layers, n, generator=gen).cuda() - (0 if kind == "mlp" else 4)
+    if kind == "linear":
+        return w1, b1, None, None
+    w2 = (torch.randn(layers, H, N, generator=gen) / N**0.5).cuda()
+    return w1, b1, w2, torch.randn(layers, H, generator=gen).cuda() - 4
+
+
+def layer(weights, i: int = 0):
+    return tuple(None if w is None else w[i] for w in weights)
+
+
 def check(kind: str, dtype: torch.dtype, tokens: int, gen: torch.Generator) -> dict:
-    dev = "cuda"
-    x = (torch.randn(tokens, D, generator=gen) * 2).to(dev, dtype)
-    if kind == "mlp":
-        w1 = (torch.randn(N, D, generator=gen) / D**0.5).to(dev)
-        b1 = torch.zeros(N).to(dev)
-        w2 = (torch.randn(H, N, generator=gen) / N**0.5).to(dev)
-        b2 = torch.full((H,), THRESHOLD).to(dev)
-    else:
-        w1 = (torch.randn(H, D, generator=gen) / D**0.5).to(dev)
-        b1 = torch.full((H,), THRESHOLD).to(dev)
-        w2 = b2 = None
-    want_s, want_k = score_and_decide_torch(x, w1, b1, w2, b2, THRESHOLD)
-    got_s, got_k = score_and_decide_triton(x, w1, b1, w2, b2, THRESHOLD)
+    x = torch.randn(tokens, D, generator=gen).to("cuda", dtype)
+    args = layer(surrogate_weights(kind, gen, dtype))
+    want = ss.score_and_decide_torch(x, *args, THRESHOLD)[0]
+    got, keep = ss.score_and_decide_triton(x, *args, THRESHOLD)
     torch.cuda.synchronize()
     return {
         "kind": kind, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
-        "max_abs_diff": float((got_s - want_s).abs().max()),
-        "keep_mismatch": float((got_k != want_k).float().mean()),
-        "triton_ms": timed(lambda: score_and_decide_triton(x, w1, b1, w2, b2, THRESHOLD)),
-        "torch_ms": timed(lambda: score_and_decide_torch(x, w1, b1, w2, b2, THRESHOLD)),
+        "path": "triton" if ss.use_triton(tokens, kind == "mlp") else "torch",
+        "triton_max_abs_diff": float((got - want).abs().max()),
+        "torch_max_abs_diff": float((ss.scores_cublas(x, *args) - want).abs().max()),
+        "keep_mismatch": float((keep != (want >= THRESHOLD)).float().mean()),
+        "triton_ms": gpu_ms(lambda: ss._triton_scores(x, *args)),
+        "torch_ms": gpu_ms(lambda: ss.scores_cublas(x, *args)),
     }  # fmt: skip
+
+
+def tile_sweep(gen: torch.Generator) -> list[dict]:
+    """The bf16 MLP kernel's time per (BLOCK_T, BLOCK_N), BLOCK_D as chosen, around decode sizes."""
+    w1, b1, w2, b2 = layer(surrogate_weights("mlp", gen, torch.bfloat16))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for tokens in (1, 64, 256, 1024):
+        x = torch.randn(tokens, D, generator=gen).to("cuda", torch.bfloat16)
+        chosen = ss._launch_config(tokens, D, N, H, True, 2, sms, None, None, None)[:2]
+        for bt in (16, 32, 64):
+            for bn in (16, 32, 64):
+                ms = gpu_ms(lambda bt=bt, bn=bn: ss._triton_scores(x, w1, b1, w2, b2, bt, None, bn))
+                rows.append(dict(tokens=tokens, block_t=bt, block_n=bn, ms=ms, chosen=(bt, bn) == chosen))
+    return rows
+
+
+def decode_share(kind: str, gen: torch.Generator) -> dict:
+    """36 layers' scoring of a batch-64 decode step (the op, as the model calls it) as a share of
+    a plain decode step estimated from memory traffic."""
+    weights = surrogate_weights(kind, gen, torch.bfloat16, LAYERS)
+    x = torch.randn(DECODE_BATCH, D, generator=gen).to("cuda", torch.bfloat16)
+    ms = gpu_ms(lambda: [ss.surrogate_scores(x, *layer(weights, i)) for i in range(LAYERS)], calls=1)
+    weights_ms = 1e3 * WEIGHT_BYTES / HBM_BYTES_PER_S
+    kv_ms = 1e3 * DECODE_BATCH * CONTEXT * KV_BYTES_PER_TOKEN / HBM_BYTES_PER_S
+    return dict(kind=kind, batch=DECODE_BATCH, scoring_ms=ms, plain_step_ms_weights_only=weights_ms,
+                plain_step_ms_with_kv=weights_ms + kv_ms, context=CONTEXT,
+                share_weights_only=ms / weights_ms, share_with_kv=ms / (weights_ms + kv_ms))  # fmt: skip
 
 
 def drive_table(device, L, H, D, bs, prompt_lens, steps, window, seed, time_steps=False):
@@ -152,13 +205,34 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_kernel_check needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     gen = torch.Generator().manual_seed(0)
-    rows = [check(kind, dtype, t, gen) for kind in ("mlp", "linear")
-            for dtype in (torch.bfloat16, torch.float32) for t in TOKENS]  # fmt: skip
-    head = f"{'kind':>6} {'dtype':>8} {'tokens':>6} {'max |d|':>9} {'keep !=':>8} {'triton ms':>9} {'torch ms':>9}"
-    print(head)
+    rows = [check(kind, torch.bfloat16, t, gen) for kind in ("mlp", "linear") for t in TOKENS]
+    rows += [check(kind, torch.float32, t, gen) for kind in ("mlp", "linear") for t in (1, 256)]
+    print("scoring, Qwen3-8B shapes; GPU ms of one call replayed from a CUDA graph (same weights: "
+          "L2-resident); |d| = max abs diff vs the float32 twin on the same inputs")  # fmt: skip
+    print(f"{'kind':>6} {'dtype':>8} {'tokens':>6} {'path':>6} {'triton ms':>9} {'torch ms':>9} "
+          f"{'triton |d|':>10} {'torch |d|':>10} {'keep !=':>8}")  # fmt: skip
     for r in rows:
-        print(f"{r['kind']:>6} {r['dtype']:>8} {r['tokens']:>6} {r['max_abs_diff']:9.2e} "
-              f"{r['keep_mismatch']:8.5f} {r['triton_ms']:9.3f} {r['torch_ms']:9.3f}")  # fmt: skip
+        print(f"{r['kind']:>6} {r['dtype']:>8} {r['tokens']:>6} {r['path']:>6} {r['triton_ms']:9.4f} "
+              f"{r['torch_ms']:9.4f} {r['triton_max_abs_diff']:10.2e} {r['torch_max_abs_diff']:10.2e} "
+              f"{r['keep_mismatch']:8.5f}")  # fmt: skip
+    sweep = tile_sweep(gen)
+    print("\nMLP kernel tiles (bf16), GPU ms; * = _launch_config's choice")
+    for r in sweep:
+        mark = " *" if r["chosen"] else ""
+        print(f"  T={r['tokens']:>5} {r['block_t']:>3}x{r['block_n']:<3} {r['ms']:8.4f}{mark}")
+    shares = [decode_share(kind, gen) for kind in ("mlp", "linear")]
+    plain = shares[0]
+    print(f"\nscoring share of a Qwen3-8B decode step at batch {DECODE_BATCH} ({LAYERS} layers in "
+          f"one CUDA graph, each its own weights). Plain step assumed memory-bound: "
+          f"{WEIGHT_BYTES / 1e9:.1f} GB of bf16 weights at {HBM_BYTES_PER_S / 1e12:.1f} TB/s = "
+          f"{plain['plain_step_ms_weights_only']:.2f} ms; with KV reads of {CONTEXT} tokens per "
+          f"sequence ({KV_BYTES_PER_TOKEN // 1024} KiB per token) {plain['plain_step_ms_with_kv']:.2f} "
+          "ms. Target <= 2%.")  # fmt: skip
+    for r in shares:
+        print(f"  {r['kind']:>6}: {r['scoring_ms']:.3f} ms = {100 * r['share_weights_only']:.2f}% "
+              f"(weights only), {100 * r['share_with_kv']:.2f}% (with KV)")  # fmt: skip
+    scores_ok = all(r["triton_max_abs_diff"] <= MAX_SCORE_DIFF for r in rows)
+    print(f"Triton scores within {MAX_SCORE_DIFF} of the twin: {scores_ok}")
     pages = check_page_table()
     print(f"\npage table on CUDA equals CPU: {pages['equal_to_cpu']} {pages['mismatches'] or ''}")
     print("Qwen3-8B shape, one decoding step: batch, plan ms, writes ms per layer")
@@ -166,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {t['batch']:>5} {t['plan_ms']:8.3f} {t['write_ms_per_layer']:8.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                    "rows": rows, "page_table": pages}, indent=1) + "\n")  # fmt: skip
+                                    "rows": rows, "tile_sweep": sweep, "decode_share": shares,
+                                    "page_table": pages}, indent=1) + "\n")  # fmt: skip
     print(f"wrote {args.out}")
-    return 0 if pages["equal_to_cpu"] else 1
+    return 0 if pages["equal_to_cpu"] and scores_ok else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The Triton path runs on CPU tensors through Triton's interpreter: in-process (the module reads
 TRITON_INTERPRET at call time and wraps the kernel in the interpreter itself, so the result does
 not depend on which test imported triton first) and, once, in a fresh subprocess with
-TRITON_INTERPRET=1 set before anything is imported (the standard way).
+TRITON_INTERPRET=1 set before anything is imported (the standard way). The interpreter runs the
+GPU's launch configurations too (the tiles and D splits chosen for an H100's 132 SMs).
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from torch import nn
 from vllm_kvzap.kernels import surrogate_score as ss
 
 NEG_INF = float("-inf")
+BF16, FP32 = torch.bfloat16, torch.float32
+# Triton vs the float32 twin on the same (bf16-rounded) inputs: bf16 x bf16 products are exact in
+# float32 and both sides accumulate in float32, so only the summation order differs (~1e-6 seen at
+# D = 4096, scores ~10). Any bf16 rounding of an intermediate (the hidden layer or the scores)
+# would be off by ~2^-9 relative, >= 1e-2 at scores ~-4; a lost or doubled tile by far more.
+BF16_ATOL, BF16_RTOL = 1e-4, 1e-5
 
 needs_triton = pytest.mark.skipif(not ss.HAS_TRITON, reason="triton not installed")
 
@@ -151,16 +158,139 @@ def test_triton_matches_torch_twin(interpret, T: int, D: int, N: int | None, H: 
         assert k.all()
 
 
+# (kind, T, D, x dtype, w1 passed in x's dtype, launch, threshold): ragged T from 1 to 4096, D of
+# SmolLM2-135M (576) and Qwen3-8B (4096), H_kv 8, MLP hidden 512. "h100": the GPU's tiles and D
+# splits; "interp": the interpreter's large tiles (the only way T = 4096 at D = 4096 stays quick).
+QWEN_SHAPES = [
+    ("mlp", 1, 4096, BF16, True, "h100", -4.0),
+    ("mlp", 3, 576, FP32, True, "h100", -4.0),
+    ("mlp", 17, 576, BF16, False, "h100", -4.0),
+    ("mlp", 63, 576, FP32, True, "h100", -4.0),
+    ("mlp", 64, 4096, BF16, True, "h100", -4.0),
+    ("mlp", 65, 576, BF16, True, "h100", NEG_INF),
+    ("mlp", 130, 576, FP32, True, "h100", -4.0),
+    ("mlp", 130, 4096, FP32, True, "h100", -4.0),
+    ("mlp", 1000, 576, BF16, True, "h100", -4.0),
+    ("mlp", 1000, 4096, BF16, True, "h100", -4.0),
+    ("mlp", 4096, 4096, BF16, True, "interp", -4.0),
+    ("linear", 1, 4096, BF16, True, "h100", -4.0),
+    ("linear", 3, 4096, FP32, True, "h100", NEG_INF),
+    ("linear", 17, 576, FP32, True, "h100", -4.0),
+    ("linear", 63, 4096, BF16, True, "h100", -4.0),
+    ("linear", 64, 576, BF16, False, "h100", -4.0),
+    ("linear", 65, 4096, BF16, True, "h100", -4.0),
+    ("linear", 130, 576, FP32, True, "h100", -4.0),
+    ("linear", 1000, 4096, BF16, True, "h100", -4.0),
+    ("linear", 4096, 576, FP32, True, "interp", -4.0),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "kind, T, D, dtype, w1_cast, launch, threshold",
+    QWEN_SHAPES,
+    ids=["-".join(str(v).removeprefix("torch.") for v in case) for case in QWEN_SHAPES],
+)
+def test_triton_at_model_shapes(
+    interpret, monkeypatch, kind, T, D, dtype, w1_cast, launch, threshold
+) -> None:
+    if launch == "h100":  # the tiles and D splits of an H100's 132 SMs
+        monkeypatch.setattr(ss, "_num_sms", lambda device: 132)
+    w1, b1, w2, b2 = make_weights(D, 8, 512 if kind == "mlp" else None, seed=T + D)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to(dtype)
+    w1_lp = w1.to(dtype)  # as the Surrogate keeps it; else the kernel casts it per call
+    s, k = ss.score_and_decide_triton(x, w1_lp if w1_cast else w1, b1, w2, b2, threshold)
+    s_ref, _ = ss.score_and_decide_torch(x, w1_lp, b1, w2, b2, threshold)
+    assert s.dtype == torch.float32 and k.dtype == torch.bool and s.shape == k.shape == (T, 8)
+    atol, rtol = (BF16_ATOL, BF16_RTOL) if dtype == BF16 else (2e-5, 1e-5)
+    torch.testing.assert_close(s, s_ref, atol=atol, rtol=rtol)
+    assert torch.equal(k, s >= threshold)  # pruned iff strictly below, on its own scores
+    if threshold == NEG_INF:
+        assert k.all()
+    else:
+        assert_decisions_match(s_ref, k, threshold)
+        assert 0 < k.sum() < k.numel()
+
+
+@needs_triton
+def test_launch_config_on_an_h100() -> None:
+    """The GPU tiles spread a decode step over the SMs (Qwen3-8B: D 4096, hidden 512, H_kv 8)."""
+    def cfg(T: int, mlp: bool) -> tuple[int, int, int, int, int]:
+        return ss._launch_config(T, 4096, 512 if mlp else 8, 8, mlp, 2, 132, None, None, None)
+
+    assert cfg(1, True)[:2] == (16, 16) and cfg(1, True)[3] == 32  # 32 hidden tiles
+    assert cfg(64, True)[:2] == (16, 16)  # 4 x 32 = 128 programs
+    assert cfg(256, True)[:2] == (32, 32)
+    assert cfg(1024, True)[:2] == (64, 64)
+    bt, bn, bd, splits, per_prog = cfg(1, False)
+    assert (bt, bn) == (16, 16) and splits > 1 and splits * per_prog >= 4096 > (splits - 1) * per_prog
+
+
+@needs_triton
+def test_triton_gelu_is_exact_erf(interpret) -> None:
+    # One hidden unit h per token; score = gelu(h). tanh-approx GELU differs by ~1e-4 at |h| ~ 2.
+    h = torch.tensor([[-3.0], [-2.0], [-0.5], [0.0], [0.7], [2.0]])
+    one, zero = torch.ones(1, 1), torch.zeros(1)
+    s, _ = ss.score_and_decide_triton(h, one, zero, one, zero, NEG_INF)
+    exact = 0.5 * h.double() * (1 + torch.erf(h.double() / math.sqrt(2)))
+    torch.testing.assert_close(s.double(), exact, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("D", [576, 4096])
+def test_cublas_path_matches_torch_twin(D: int) -> None:
+    """The torch path for long chunks: x @ w1.T + b1 in bf16 (cuBLAS on a GPU), the rest fp32.
+    The hidden layer is rounded to bf16 (2^-9 relative) before GELU: ~1e-2 seen on scores ~-4."""
+    w1, b1, w2, b2 = make_weights(D, 8, 512, seed=D)
+    x = torch.randn(1100, D, generator=torch.Generator().manual_seed(D)).to(BF16)
+    s = ss.scores_cublas(x, w1.to(BF16), b1, w2, b2)
+    s_ref, _ = ss.score_and_decide_torch(x, w1.to(BF16), b1, w2, b2, NEG_INF)
+    assert s.dtype == torch.float32 and s.shape == (1100, 8)
+    torch.testing.assert_close(s, s_ref, atol=5e-2, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("N", [None, 32])
+def test_op_dispatch_rule(interpret, N: int | None) -> None:
+    """surrogate_scores: the Triton kernel for linear and for MLP steps of <= TRITON_MAX_TOKENS
+    tokens, cuBLAS above (decided at run time, on the real T)."""
+    w1, b1, w2, b2 = make_weights(32, 4, N, seed=5)
+    w1 = w1.to(BF16)
+    for T in (ss.TRITON_MAX_TOKENS, ss.TRITON_MAX_TOKENS + 1):
+        x = torch.randn(T, 32, generator=torch.Generator().manual_seed(T)).to(BF16)
+        got = ss.surrogate_scores(x, w1, b1, w2, b2)
+        triton_path = N is None or T <= ss.TRITON_MAX_TOKENS
+        assert ss.use_triton(T, N is not None) == triton_path
+        want = ss._triton_scores(x, w1, b1, w2, b2) if triton_path else ss.scores_cublas(x, w1, b1, w2, b2)
+        assert torch.equal(got, want)
+        s_ref, _ = ss.score_and_decide_torch(x, w1, b1, w2, b2, NEG_INF)
+        torch.testing.assert_close(got, s_ref, atol=BF16_ATOL if triton_path else 5e-2, rtol=0)
+
+
+def test_surrogate_casts_w1_once_per_dtype() -> None:
+    from vllm_kvzap.scorers.checkpoint import SurrogateConfig
+    from vllm_kvzap.scorers.surrogate import Surrogate
+
+    config = SurrogateConfig(input_dim=24, output_dim=2, n_modules=3, hidden_dim=16)
+    w = [torch.randn(*shape) for shape in ((3, 16, 24), (3, 16), (3, 2, 16), (3, 2))]
+    sur = Surrogate(config, *w)
+    w1_bf16 = sur.w1_as(BF16)
+    assert w1_bf16.dtype == BF16 and torch.equal(w1_bf16, sur.w1.to(BF16))
+    assert sur.w1_as(BF16) is w1_bf16  # cached, not cast per call
+    assert sur.w1_as(FP32) is sur.w1
+    sur.to("cpu", torch.float16)  # a move drops the cast copies; with a dtype, prepares that one
+    assert sur._w1_by_dtype.keys() == {torch.float16}
+
+
 @needs_triton
 @pytest.mark.parametrize("N", [None, 40])
 def test_triton_default_blocks_and_strided_bf16_input(interpret, N: int | None) -> None:
     T, D, H = 70, 72, 4
     w1, b1, w2, b2 = make_weights(D, H, N, seed=3)
-    x = torch.randn(T, 2 * D).to(torch.bfloat16)[:, ::2]  # non-contiguous, bf16 (read as fp32)
+    x = torch.randn(T, 2 * D).to(torch.bfloat16)[:, ::2]  # non-contiguous, bf16
     assert not x.is_contiguous()
-    s, k = ss.score_and_decide_triton(x, w1, b1, w2, b2, -4.0)
-    s_ref, _ = ss.score_and_decide_torch(x, w1, b1, w2, b2, -4.0)
-    torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-5)
+    s, k = ss.score_and_decide_triton(x, w1, b1, w2, b2, -4.0)  # w1 cast to bf16 per call
+    s_ref, _ = ss.score_and_decide_torch(x, w1.bfloat16(), b1, w2, b2, -4.0)
+    torch.testing.assert_close(s, s_ref, atol=BF16_ATOL, rtol=BF16_RTOL)
     assert_decisions_match(s_ref, k, -4.0)
 
 

@@ -3,14 +3,19 @@
 Data flow: checkpoint on disk -> ``scorers.Surrogate`` (stacked per-layer weights) -> **this module**
 (scores ``[T, H_kv]`` and keep flags) -> keep flags consumed by the attention backend.
 
-For one layer, with ``x`` the input of ``self_attn`` (``[T, D]``, any float dtype, read as float32):
+For one layer, with ``x`` the input of ``self_attn`` (``[T, D]``, the model's dtype):
 
     linear: scores = x @ w1.T + b1                                  w1 [H, D]
     mlp:    scores = gelu_erf(x @ w1.T + b1) @ w2.T + b2            w1 [N, D], w2 [H, N]
     keep   = scores >= threshold     (pruned iff strictly below; threshold may be -inf)
 
-``score_and_decide_torch`` is the reference; ``score_and_decide_triton`` fuses both matmuls, the
-GELU and the compare in one kernel; ``score_and_decide`` picks Triton for CUDA tensors.
+Three implementations of the scores, all float32 ``[T, H]``:
+- ``score_and_decide_torch``: the reference, everything in float32 (the CPU path; torch.compile
+  fuses it into the model's graph);
+- ``score_and_decide_triton``: one fused Triton kernel, ``x @ w1.T`` on tensor cores in x's dtype;
+- ``scores_cublas``: cuBLAS GEMMs in x's dtype through torch, for long prefill chunks.
+On CUDA, ``surrogate_scores`` (a custom op, opaque to torch.compile) picks between the last two by
+the step's token count, at run time: see ``use_triton``.
 """
 
 from __future__ import annotations
@@ -32,10 +37,17 @@ except ImportError:  # the torch twin works without Triton
 
 __all__ = [
     "HAS_TRITON",
+    "TRITON_MAX_TOKENS",
     "score_and_decide",
     "score_and_decide_torch",
     "score_and_decide_triton",
+    "scores_cublas",
+    "surrogate_scores",
+    "use_triton",
 ]
+
+# The MLP surrogate runs on Triton up to this many tokens per step, on cuBLAS above.
+TRITON_MAX_TOKENS = 1024
 
 
 def _check_args(
@@ -87,98 +99,165 @@ def score_and_decide_torch(
     return scores, scores >= threshold
 
 
+def scores_cublas(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+) -> torch.Tensor:
+    """Scores [T, H] float32 by torch ops in x's dtype (cuBLAS on CUDA): the GPU path for long
+    prefill chunks, where the first GEMM is compute-bound.
+
+    ``x @ w1.T + b1`` runs in x's dtype (its output rounded to it); GELU and the second
+    projection run in float32. w1 and b1 are cast to x's dtype if they are not in it (the
+    ``Surrogate`` keeps w1 cast; b1 is small).
+    """
+    _check_args(x, w1, b1, w2, b2)
+    h = F.linear(x, w1.to(x.dtype), b1.to(x.dtype)).float()
+    if w2 is None:
+        return h
+    return F.linear(F.gelu(h, approximate="none"), w2.float(), b2.float())  # type: ignore[union-attr]
+
+
 if HAS_TRITON:
 
     @triton.jit
     def _surrogate_score_kernel(
-        x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, scores_ptr, keep_ptr,
-        T, D, N, H,
+        x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, part_ptr,
+        T, D, N, H, D_PER_PROG,
         stride_xt, stride_xd,
         stride_w1n, stride_w1d,
         stride_w2h, stride_w2n,
-        stride_ot, stride_oh,
-        threshold,
         IS_MLP: tl.constexpr,
         BLOCK_T: tl.constexpr,
-        BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BLOCK_H: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
     ):
-        """One program scores BLOCK_T tokens for all H heads of one layer.
+        """One program: BLOCK_T tokens x one slice of the surrogate -> partial scores.
 
-        Layout (row-major, strides passed explicitly):
-          x      [T, D]   any float dtype, converted to fp32 on load
-          w1     [N, D]   N = hidden (MLP) or H (linear);  b1 [N]
-          w2     [H, N]   MLP only;                         b2 [H]
-          scores [T, H]   fp32;  keep [T, H] uint8 (1 = keep), same strides as scores
-        Grid: (cdiv(T, BLOCK_T),). Loops: hidden tiles of BLOCK_N (MLP) x D tiles of BLOCK_D.
-        All accumulation is fp32; out-of-range rows/columns are masked to 0 and never stored
-        (GELU(0) = 0 and w2's padded rows are 0, so padding adds nothing).
+        Grid (cdiv(T, BLOCK_T), S). Program (t, s) writes ``part[s, t-tile, :H]`` (fp32):
+          MLP:    s = hidden tile [s*BLOCK_N, +BLOCK_N): gelu(x @ w1[tile].T + b1[tile]) @
+                  w2[:, tile].T, over all of D;
+          linear: s = D slice [s*D_PER_PROG, +D_PER_PROG): x[:, slice] @ w1[:, slice].T, all H
+                  heads in one BLOCK_N = BLOCK_H tile;
+        plus the output bias (b2, or b1 for linear) in the programs with s = 0. The scores are
+        ``part.sum(0)``. Layout: x [T, D] and w1 [N, D] in the same dtype (strides explicit), b1
+        [N], w2 [H, N], b2 [H] any float dtype (read as fp32), part [S, T, H] contiguous.
+        ``x @ w1.T`` is a ``tl.dot`` on x's dtype with fp32 accumulation (INPUT_PRECISION applies
+        to fp32 inputs); bias, exact erf GELU and the second projection are fp32. Masked rows and
+        columns load as 0 and are never stored; padded hidden units have h = 0, GELU(0) = 0 and a
+        0 row of w2, so they add nothing. DOT_IN_FP32 (Triton's interpreter only, whose bf16
+        ``tl.dot`` multiplies the raw bits) upcasts both operands: exact for 16-bit inputs.
         Only core builtins are used (tl.full, not the @jit helper tl.zeros), so the interpreter
         can run this kernel even if triton was imported without TRITON_INTERPRET=1.
         """
-        pid = tl.program_id(0)
-        offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        pid_t = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = offs_t < T
+        if IS_MLP:
+            offs_n = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
+            d_start = 0
+        else:
+            offs_n = tl.arange(0, BLOCK_N)
+            d_start = pid_s * D_PER_PROG
+        mask_n = offs_n < N
+
+        acc = tl.full((BLOCK_T, BLOCK_N), 0.0, tl.float32)
+        for d0 in range(d_start, d_start + D_PER_PROG, BLOCK_D):  # D_PER_PROG: BLOCK_D multiple
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            xt = tl.load(
+                x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+                mask=mask_t[:, None] & mask_d[None, :], other=0.0,
+            )
+            w1t = tl.load(  # transposed tile w1[n, d] -> [BLOCK_D, BLOCK_N]
+                w1_ptr + offs_n[None, :] * stride_w1n + offs_d[:, None] * stride_w1d,
+                mask=mask_d[:, None] & mask_n[None, :], other=0.0,
+            )
+            if DOT_IN_FP32:
+                xt, w1t = xt.to(tl.float32), w1t.to(tl.float32)
+            acc = tl.dot(xt, w1t, acc, input_precision=INPUT_PRECISION)
+
         offs_h = tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
-        offs_d0 = tl.arange(0, BLOCK_D)
-
-        acc = tl.full((BLOCK_T, BLOCK_H), 0.0, tl.float32)
         if IS_MLP:
-            offs_n0 = tl.arange(0, BLOCK_N)
-            for n0 in range(0, N, BLOCK_N):
-                offs_n = n0 + offs_n0
-                mask_n = offs_n < N
-                # first layer: h = x @ w1[n-tile].T + b1[n-tile]          [BLOCK_T, BLOCK_N]
-                h = tl.full((BLOCK_T, BLOCK_N), 0.0, tl.float32)
-                for d0 in range(0, D, BLOCK_D):
-                    offs_d = d0 + offs_d0
-                    mask_d = offs_d < D
-                    xt = tl.load(
-                        x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
-                        mask=mask_t[:, None] & mask_d[None, :], other=0.0,
-                    ).to(tl.float32)
-                    w1t = tl.load(  # transposed tile w1[n, d] -> [BLOCK_D, BLOCK_N]
-                        w1_ptr + offs_n[None, :] * stride_w1n + offs_d[:, None] * stride_w1d,
-                        mask=mask_d[:, None] & mask_n[None, :], other=0.0,
-                    ).to(tl.float32)
-                    h = tl.dot(xt, w1t, h, input_precision=INPUT_PRECISION)
-                h += tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                # exact GELU: 0.5 * h * (1 + erf(h / sqrt(2)))
-                h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-                # second layer, accumulated over hidden tiles: acc += h @ w2[:, n-tile].T
-                w2t = tl.load(  # transposed tile w2[h, n] -> [BLOCK_N, BLOCK_H]
-                    w2_ptr + offs_n[:, None] * stride_w2n + offs_h[None, :] * stride_w2h,
-                    mask=mask_n[:, None] & mask_h[None, :], other=0.0,
-                ).to(tl.float32)
-                acc = tl.dot(h, w2t, acc, input_precision=INPUT_PRECISION)
-            acc += tl.load(b2_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            # exact GELU: 0.5 * h * (1 + erf(h / sqrt(2)))
+            g = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+            w2t = tl.load(  # transposed tile w2[h, n] -> [BLOCK_N, BLOCK_H]
+                w2_ptr + offs_n[:, None] * stride_w2n + offs_h[None, :] * stride_w2h,
+                mask=mask_n[:, None] & mask_h[None, :], other=0.0,
+            ).to(tl.float32)
+            out = tl.dot(g, w2t, input_precision="ieee")
+            bias_ptr = b2_ptr
         else:
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + offs_d0
-                mask_d = offs_d < D
-                xt = tl.load(
-                    x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :] * stride_xd,
-                    mask=mask_t[:, None] & mask_d[None, :], other=0.0,
-                ).to(tl.float32)
-                w1t = tl.load(  # transposed tile w1[h, d] -> [BLOCK_D, BLOCK_H]
-                    w1_ptr + offs_h[None, :] * stride_w1n + offs_d[:, None] * stride_w1d,
-                    mask=mask_d[:, None] & mask_h[None, :], other=0.0,
-                ).to(tl.float32)
-                acc = tl.dot(xt, w1t, acc, input_precision=INPUT_PRECISION)
-            acc += tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-
-        out_offs = offs_t[:, None] * stride_ot + offs_h[None, :] * stride_oh
-        out_mask = mask_t[:, None] & mask_h[None, :]
-        tl.store(scores_ptr + out_offs, acc, mask=out_mask)
-        tl.store(keep_ptr + out_offs, (acc >= threshold).to(tl.uint8), mask=out_mask)
+            out = acc  # BLOCK_N == BLOCK_H
+            bias_ptr = b1_ptr
+        # the output bias, once: by the programs of the first slice (the others load zeros)
+        bias_mask = offs_h < tl.where(pid_s == 0, H, 0)
+        out += tl.load(bias_ptr + offs_h, mask=bias_mask, other=0.0).to(tl.float32)[None, :]
+        part_offs = (pid_s * T + offs_t[:, None]) * H + offs_h[None, :]
+        tl.store(part_ptr + part_offs, out, mask=mask_t[:, None] & mask_h[None, :])
 
 
-def _block(n: int, cap: int) -> int:
-    """Power-of-two tile size in [16, cap] covering n if possible (tl.dot needs >= 16)."""
-    return max(16, min(cap, triton.next_power_of_2(n)))
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int | None:
+    """The GPU's SM count, for the tile choice; None off CUDA (Triton's interpreter)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_config(
+    T: int, D: int, N: int, H: int, is_mlp: bool, elem_size: int, num_sms: int | None,
+    block_t: int | None, block_d: int | None, block_n: int | None,
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_N, BLOCK_D, S, D_PER_PROG) for a launch on grid (cdiv(T, BLOCK_T), S).
+
+    On a GPU a decode step is latency-bound: each program streams (BLOCK_T + BLOCK_N) x D values
+    of x and w1 (fewer for a linear D slice), and the busiest SM streams cdiv(programs, num_sms)
+    times that. MLP: the (BLOCK_T, BLOCK_N) in {16, 32, 64}^2 that streams the fewest values on
+    the busiest SM (ties: smaller tiles), e.g. on 132 SMs 16x16 up to T = 64 (32 tiles of 512
+    hidden units, up to 128 programs), 32x32 at T = 256, 64x64 from T ~ 1024. Linear (N = H, 8
+    in NVIDIA's checkpoints): all heads in one tile, and D split over S programs until the grid
+    covers the SMs. BLOCK_D: about 32 KiB of operands per pipeline stage, in [32, 512].
+    Interpreter (num_sms None): programs run one by one and numpy does the math, so the fewest,
+    largest tiles (up to 256 tokens x 512 hidden units x 512 features).
+    """
+    cdiv = triton.cdiv
+    if num_sms is None:
+        bt, bn = min(256, _pow2_at_least_16(T)), min(512, _pow2_at_least_16(N))
+        bd = min(512, _pow2_at_least_16(D))
+    elif is_mlp:
+        candidates = [(bt, bn) for bt in (16, 32, 64) for bn in (16, 32, 64)]
+        bt, bn = min(
+            candidates,
+            key=lambda c: (cdiv(cdiv(T, c[0]) * cdiv(N, c[1]), num_sms) * (c[0] + c[1]), c[0] + c[1]),
+        )
+    else:
+        bt = min(64, _pow2_at_least_16(T))
+    bt = block_t or bt
+    bn = (block_n or bn) if is_mlp else _pow2_at_least_16(H)  # linear: all heads in one tile
+    for name, b in (("block_t", bt), ("block_d", block_d), ("block_n", bn)):
+        if b is not None and (b < 16 or b & (b - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {b}")
+    if num_sms is not None:
+        budget = 32768 // ((bt + bn) * elem_size)  # values per (token, hidden unit) row pair
+        bd = max(32, min(512, triton.next_power_of_2(D), 1 << (budget.bit_length() - 1)))
+    bd = block_d or bd
+    splits = 1 if is_mlp or num_sms is None else max(1, min(cdiv(D, bd), num_sms // cdiv(T, bt)))
+    d_per_prog = cdiv(cdiv(D, splits), bd) * bd
+    s = cdiv(N, bn) if is_mlp else cdiv(D, d_per_prog)
+    return bt, bn, bd, s, d_per_prog
 
 
 @functools.cache
@@ -201,6 +280,57 @@ def _interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _triton_scores(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    block_t: int | None = None,
+    block_d: int | None = None,
+    block_n: int | None = None,
+    input_precision: str = "ieee",
+) -> torch.Tensor:
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed; use score_and_decide_torch")
+    T, D, N, H = _check_args(x, w1, b1, w2, b2)
+    if x.is_cuda:
+        kernel = _surrogate_score_kernel
+    elif _interpret_enabled():
+        kernel = _interpreted_kernel()
+    else:
+        raise RuntimeError(
+            f"score_and_decide_triton needs CUDA tensors (got {x.device}); "
+            "set TRITON_INTERPRET=1 to run the kernel on CPU tensors (slow, for tests)"
+        )
+    if T == 0:
+        return torch.empty((0, H), dtype=torch.float32, device=x.device)
+    w1 = w1.to(x.dtype)  # no-op for the Surrogate's weights, kept in the model's dtype
+    is_mlp = w2 is not None
+    BLOCK_T, BLOCK_N, BLOCK_D, S, d_per_prog = _launch_config(
+        T, D, N, H, is_mlp, x.element_size(), _num_sms(x.device), block_t, block_d, block_n
+    )
+    part = torch.empty((S, T, H), dtype=torch.float32, device=x.device)
+    # linear: pass w1/b1 as dummies for the unused MLP pointers (never read: IS_MLP is False)
+    w2_, b2_ = (w2, b2) if is_mlp else (w1, b1)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        kernel[(triton.cdiv(T, BLOCK_T), S)](
+            x, w1, b1, w2_, b2_, part,
+            T, D, N, H, d_per_prog,
+            x.stride(0), x.stride(1),
+            w1.stride(0), w1.stride(1),
+            w2_.stride(0), w2_.stride(1),
+            IS_MLP=is_mlp,
+            BLOCK_T=BLOCK_T,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+            BLOCK_H=_pow2_at_least_16(H),
+            INPUT_PRECISION=input_precision,
+            DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16,
+        )  # fmt: skip
+    return part[0] if S == 1 else part.sum(0)
+
+
 def score_and_decide_triton(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -216,57 +346,36 @@ def score_and_decide_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused Triton scoring: returns (scores [T, H] float32, keep [T, H] bool).
 
-    Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` (slow; for tests).
-    ``block_*`` override the tile sizes (powers of two >= 16). ``input_precision`` is passed
-    to ``tl.dot``: "ieee" (default) matches the fp32 torch twin; "tf32" is faster on
-    Ampere+ at ~1e-3 relative error.
-    """
-    if not HAS_TRITON:
-        raise RuntimeError("Triton is not installed; use score_and_decide_torch")
-    T, D, N, H = _check_args(x, w1, b1, w2, b2)
-    if x.is_cuda:
-        kernel = _surrogate_score_kernel
-    elif _interpret_enabled():
-        kernel = _interpreted_kernel()
-    else:
-        raise RuntimeError(
-            f"score_and_decide_triton needs CUDA tensors (got {x.device}); "
-            "set TRITON_INTERPRET=1 to run the kernel on CPU tensors (slow, for tests)"
-        )
-    scores = torch.empty((T, H), dtype=torch.float32, device=x.device)
-    keep = torch.empty((T, H), dtype=torch.uint8, device=x.device)
-    if T == 0:
-        return scores, keep.view(torch.bool)
+    One kernel (``_surrogate_score_kernel``) tiled over tokens and hidden units (MLP) or over
+    tokens and D (linear), so a decode step spreads over the SMs, then a float32 sum of the
+    partial scores of the S slices when S > 1 (a second small kernel; deterministic, unlike
+    atomics, so a step scores the same tokens identically every time) and ``keep = scores >=
+    threshold``. ``x @ w1.T`` runs in x's dtype (bf16/fp16 on tensor cores; fp32 with
+    ``input_precision``: "ieee" matches the float32 twin, "tf32" is faster at ~1e-3 relative
+    error) with float32 accumulation. w1 is cast to x's dtype when it is not in it, per call: the
+    ``Surrogate`` keeps a cast copy so the GPU path never casts.
 
-    w1, b1 = w1.contiguous(), b1.contiguous()
-    is_mlp = w2 is not None
-    # linear: pass w1/b1 as dummies for the unused MLP pointers (never read: IS_MLP is False)
-    w2_, b2_ = (w2.contiguous(), b2.contiguous()) if is_mlp else (w1, b1)  # type: ignore[union-attr]
-    BLOCK_T = block_t or _block(T, 64)
-    BLOCK_D = block_d or _block(D, 64)
-    BLOCK_N = block_n or _block(N, 64)
-    for name, b in (("block_t", BLOCK_T), ("block_d", BLOCK_D), ("block_n", BLOCK_N)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {b}")
-    BLOCK_H = _block(H, 1 << 30)
-    grid = (triton.cdiv(T, BLOCK_T),)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        kernel[grid](
-            x, w1, b1, w2_, b2_, scores, keep,
-            T, D, N, H,
-            x.stride(0), x.stride(1),
-            w1.stride(0), w1.stride(1),
-            w2_.stride(0), w2_.stride(1),
-            scores.stride(0), scores.stride(1),
-            float(threshold),
-            IS_MLP=is_mlp,
-            BLOCK_T=BLOCK_T,
-            BLOCK_D=BLOCK_D,
-            BLOCK_N=BLOCK_N,
-            BLOCK_H=BLOCK_H,
-            INPUT_PRECISION=input_precision,
-        )
-    return scores, keep.view(torch.bool)
+    Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` (slow; for tests).
+    ``block_*`` override the tile sizes (powers of two >= 16; ``block_n`` is the MLP's hidden
+    tile, the linear kind takes all heads in one tile).
+    """
+    scores = _triton_scores(x, w1, b1, w2, b2, block_t, block_d, block_n, input_precision)
+    return scores, scores >= threshold
+
+
+def use_triton(num_tokens: int, is_mlp: bool) -> bool:
+    """Which GPU path scores a step of ``num_tokens`` tokens: the Triton kernel or cuBLAS.
+
+    - Linear: always Triton. Reading x is all the work (8 heads); the kernel reads it once and
+      keeps the scores in fp32, where cuBLAS in x's dtype would round them (bf16 spacing is
+      0.03 at scores of -4).
+    - MLP: Triton for ``num_tokens <= TRITON_MAX_TOKENS``. Every decode step (vLLM's default
+      max_num_seqs on an H100 is 1024) is latency-bound: one kernel that spreads the 4 MiB of w1
+      over the SMs beats two GEMMs plus three elementwise kernels. Above, a long prefill chunk
+      is compute-bound, cuBLAS's home. The boundary is an estimate: ``benchmarks/
+      gpu_kernel_check.py`` prints both paths' times around it.
+    """
+    return not is_mlp or num_tokens <= TRITON_MAX_TOKENS
 
 
 def score_and_decide(
@@ -277,9 +386,10 @@ def score_and_decide(
     b2: torch.Tensor | None,
     threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch: the Triton kernel for CUDA tensors, the torch twin otherwise."""
-    if x.is_cuda and HAS_TRITON:
-        return score_and_decide_triton(x, w1, b1, w2, b2, threshold)
+    """Dispatch: ``surrogate_scores``' rule for CUDA tensors, the torch twin otherwise."""
+    if x.is_cuda:
+        scores = surrogate_scores(x, w1, b1, w2, b2)
+        return scores, scores >= threshold
     return score_and_decide_torch(x, w1, b1, w2, b2, threshold)
 
 
@@ -291,9 +401,13 @@ def surrogate_scores(
     w2: torch.Tensor | None,
     b2: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Scores [T, H] float32 by the Triton kernel, as an opaque op: torch.compile keeps the launch
-    out of its trace, and a captured CUDA graph replays it (no host work but the launch)."""
-    return score_and_decide_triton(x, w1, b1, w2, b2, float("-inf"))[0]
+    """Scores [T, H] float32: the Triton kernel or cuBLAS, by ``use_triton``. An opaque op:
+    torch.compile keeps the launches out of its trace, the choice is made here, on the step's
+    real token count (vLLM compiles one graph for every T and drops guards, so a branch on T in
+    the traced code would be fixed at trace time), and a captured CUDA graph replays it."""
+    if HAS_TRITON and use_triton(x.shape[0], w2 is not None):
+        return _triton_scores(x, w1, b1, w2, b2)
+    return scores_cublas(x, w1, b1, w2, b2)
 
 
 @surrogate_scores.register_fake

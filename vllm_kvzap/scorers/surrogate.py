@@ -7,6 +7,9 @@ Weights are stacked over layers so one layer is a view, with no Python module pe
 
     linear: w1 [L, H, D], b1 [L, H]                       w2 = b2 = None
     mlp:    w1 [L, N, D], b1 [L, N], w2 [L, H, N], b2 [L, H]
+
+All float32 (the checkpoints' dtype). The GPU paths multiply x by w1 in x's (the model's) dtype:
+w1 is cast to it once per dtype and kept (``w1_as``); the small b1, w2, b2 stay float32.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvzap.kernels.surrogate_score import HAS_TRITON, score_and_decide, surrogate_scores
+from vllm_kvzap.kernels.surrogate_score import score_and_decide, surrogate_scores
 from vllm_kvzap.scorers.checkpoint import (
     SurrogateCheckpointError,
     SurrogateConfig,
@@ -57,6 +60,7 @@ class Surrogate:
         self.b1 = b1.float().contiguous()
         self.w2 = None if w2 is None else w2.float().contiguous()
         self.b2 = None if b2 is None else b2.float().contiguous()
+        self._w1_by_dtype: dict[torch.dtype, torch.Tensor] = {}
 
     @property
     def kind(self) -> str:
@@ -104,14 +108,29 @@ class Surrogate:
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         return save_checkpoint(out_dir, self.config, self.state_dict())
 
-    def to(self, device: torch.device | str) -> Surrogate:
-        """Move the weights (in place) and return self."""
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Surrogate:
+        """Move the weights (in place) and return self; with ``dtype`` (the model's), also cast
+        w1 to it now (``w1_as``), before torch.compile traces the model."""
         self.w1 = self.w1.to(device)
         self.b1 = self.b1.to(device)
         if self.w2 is not None:
             self.w2 = self.w2.to(device)
             self.b2 = self.b2.to(device)  # type: ignore[union-attr]
+        self._w1_by_dtype = {}
+        if dtype is not None:
+            self.w1_as(dtype)
         return self
+
+    def w1_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """All layers' w1 in ``dtype``, cast once and kept: the GPU paths' matmul operand (bf16
+        reads half the bytes of float32 and runs on tensor cores). Not cast while torch.compile
+        traces (the cast would be traced into the graph and rerun every step): then a dtype that
+        ``to(device, dtype)`` did not prepare is returned as float32 and the kernels cast it on
+        every call."""
+        w1 = self._w1_by_dtype.get(dtype)
+        if w1 is None and not torch.compiler.is_compiling():
+            w1 = self._w1_by_dtype[dtype] = self.w1.to(dtype)
+        return self.w1 if w1 is None else w1
 
     def layer_weights(
         self, layer_idx: int
@@ -135,15 +154,31 @@ class Surrogate:
                 f"hidden_states must be [T, {self.config.input_dim}], "
                 f"got {list(hidden_states.shape)}"
             )
-        return score_and_decide(hidden_states, *self.layer_weights(layer_idx), threshold)
+        return score_and_decide(hidden_states, *self._weights(hidden_states, layer_idx), threshold)
 
     def score(self, hidden_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """Scores [T, H_kv] float32 (approximate log KVzip+ importance) of one layer: the Triton
-        kernel as an opaque op on CUDA tensors (inside vLLM's compiled, graph-captured model), the
-        torch twin elsewhere (which torch.compile fuses into the model's graph)."""
-        if hidden_states.is_cuda and HAS_TRITON:
-            return surrogate_scores(hidden_states, *self.layer_weights(layer_idx))
+        """Scores [T, H_kv] float32 (approximate log KVzip+ importance) of one layer.
+
+        CPU: the float32 torch twin, which torch.compile fuses into the model's graph. CUDA: the
+        opaque op ``vllm_kvzap::surrogate_scores`` (inside vLLM's compiled, graph-captured model),
+        with w1 in the model's dtype, which applies the rule of ``kernels.surrogate_score.
+        use_triton`` to the step's token count T at run time:
+        - linear surrogate: the Triton kernel, always;
+        - MLP surrogate: the Triton kernel for T <= TRITON_MAX_TOKENS (1024: every decode step,
+          latency-bound), cuBLAS GEMMs in the model's dtype above (long prefill chunks).
+        The rule sits in the op, not here: T is symbolic when vLLM traces this code once for all
+        step sizes, and a branch on it would be fixed at trace time.
+        """
+        if hidden_states.is_cuda:
+            return surrogate_scores(hidden_states, *self._weights(hidden_states, layer_idx))
         return self.score_and_decide(hidden_states, layer_idx, float("-inf"))[0]
+
+    def _weights(self, hidden_states: torch.Tensor, layer_idx: int):
+        """layer_weights, with w1 in the hidden states' dtype on CUDA (float32 on CPU)."""
+        w1, b1, w2, b2 = self.layer_weights(layer_idx)
+        if hidden_states.is_cuda:
+            w1 = self.w1_as(hidden_states.dtype)[layer_idx]
+        return w1, b1, w2, b2
 
     def check_compatible(
         self,
