@@ -9,6 +9,8 @@ with what DMS says must be visible: every position not judged yet (the window, p
 leaving it in this step) and the judged positions whose score clears the threshold. The kernel's
 output is compared with softmax attention over exactly those positions. Pages follow the layout
 rule, the pool never runs past what the scheduler reserved, and everything returns to the pool.
+Pages hold their scores after their values (`page_cell`); the directory's chunks are exercised at
+their default size and at two page ids per chunk (rows of many chunks).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import pytest
 import torch
 
 from tests.interpreter import run_in_triton_interpreter
+from tests.reference_adakv import reference_keep
 from vllm_kvzap.attention.rows import attend_layer
-from vllm_kvzap.cache.page_table import PageTable, StepRows
+from vllm_kvzap.cache import page_table
+from vllm_kvzap.cache.page_table import PageTable, StepRows, page_cell
 
 L, H, G, D, NB = 2, 2, 3, 32, 48
 # vLLM's CPU kernel: pages of a multiple of 32 slots (`vec`), or of 16 (`vec16`), keys transposed;
@@ -35,7 +39,8 @@ def identity(layer: int, pos: int, head: int) -> float:
 class Sim:
     """Requests with fixed scores/keys/values per (layer, position, head)."""
 
-    def __init__(self, prompt_lens, steps, window, seed=0, threshold=0.0, layout=LAYOUTS[0]):
+    def __init__(self, prompt_lens, steps, window, seed=0, threshold=0.0, layout=LAYOUTS[0],
+                 nb=NB, chunk=None, ratio=None):  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         self.bs, self.isa = layout
         self.window, self.threshold = window, threshold
@@ -51,15 +56,25 @@ class Sim:
                     self.keys[r, layer, :, h, 0] = torch.tensor(
                         [identity(layer, p, h) for p in range(n)]
                     )
-        self.buf = torch.zeros(L, NB, H, self.bs, 2 * D)
+        self.buf = torch.zeros(L, nb, H, self.bs, page_cell(D, torch.float32))
         key_layout = "plain" if self.isa == "triton" else "transposed"
         self.table = PageTable([self.buf[i] for i in range(L)], window, threshold, 8, 1024,
-                               key_layout=key_layout)  # fmt: skip
+                               key_layout=key_layout, chunk=chunk, ratio=ratio)  # fmt: skip
+        self.ratio = ratio
+        if ratio is not None:  # ratio mode (window 0): AdaKV over each prompt, kvpress's rule
+            self.prompt_keep = [
+                reference_keep(self.scores[r : r + 1, :, :P], [P], ratio, 0.2)[0]
+                for r, P in enumerate(prompt_lens)
+            ]  # [L, P, H] each
 
     def visible(self, r: int, layer: int, h: int, n_written: int, decoding: bool) -> set[int]:
         if not decoding:
             return set(range(n_written))
         n = n_written - 1  # the new token's position
+        if self.ratio is not None:  # the prompt's AdaKV survivors, and everything generated
+            P = self.prompt_lens[r]
+            kept = self.prompt_keep[r][layer, :, h]
+            return {p for p in range(P) if bool(kept[p])} | set(range(P, n + 1))
         keep = self.scores[r, layer, :, h] >= self.threshold
         return {p for p in range(n + 1) if p >= n - self.window or bool(keep[p])}
 
@@ -102,7 +117,7 @@ def run_step(sim: Sim, batch: list[tuple[int, int, int, bool]]):
             for h in range(H):
                 row = b * H + h
                 n_res = int(plan.seq_lens[layer, row])
-                pages = plan.block_tables[layer, row]
+                pages = plan.block_tables[layer][row]
                 bs = sim.bs
                 slots = torch.arange(n_res)
                 ids = table.key_at(pages[slots // bs].long(), slots % bs)[:, 0].tolist()
@@ -126,19 +141,46 @@ def run_step(sim: Sim, batch: list[tuple[int, int, int, bool]]):
 
 
 def check_pool(table: PageTable) -> None:
-    BS = table.block_size
+    BS, K = table.block_size, table.chunk
     held = int(table.num_pages.sum())
     assert table.num_free + held == table.capacity
-    live = table.pages[table.num_pages[..., None] > torch.arange(table.max_pages)]
+    live = table.held_page_ids()
     assert live.unique().numel() == live.numel() == held  # no page held twice
+    assert not set(live.tolist()) & set(table.free_pages[: table.num_free].tolist())
     rows_need = -(-table.seq_len // BS)
     assert bool((table.num_pages == rows_need).all())  # pages follow the layout rule
+    # every row holds exactly the chunks its pages need; the rest are free
+    assert table.num_free_chunks + int((-(-table.num_pages // K)).sum()) == table.num_chunks - 1
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[isa for _, isa in LAYOUTS])
 @pytest.mark.parametrize("window", [0, 1, 5, 32, 40, 200])
 def test_rows_expose_exactly_what_dms_keeps(window, layout):
     scenario(window, layout, [3, 45, 130], steps=40)
+
+
+@pytest.mark.parametrize("window", [0, 5, 40])
+def test_rows_of_many_chunks(window):
+    """Two page ids per directory chunk: rows span many chunks, which compaction frees and
+    decoding allocates one by one."""
+    scenario(window, LAYOUTS[1], [3, 45, 130], steps=40, chunk=2)
+
+
+@pytest.mark.parametrize("window", [0, 5, 40])
+def test_work_in_small_pieces(window, monkeypatch):
+    """Compactions in pieces of one layer (or a few short prompts), releases in blocks of a few
+    chunks, moves a few pairs at a time: the same rows."""
+    monkeypatch.setattr(page_table, "WORK_ENTRIES", 48)
+    monkeypatch.setattr(page_table, "MOVE_PAIRS", 5)
+    scenario(window, LAYOUTS[1], [3, 4, 45, 130], steps=20, chunk=2)
+
+
+@pytest.mark.parametrize("work", [48, page_table.WORK_ENTRIES])
+def test_ratio_mode_rows_keep_the_adakv_survivors(work, monkeypatch):
+    """Ratio mode: each prompt's pairs are judged by AdaKV over each layer's whole prompt (at the
+    first decoding step, in pieces of whole prompts), everything generated is kept."""
+    monkeypatch.setattr(page_table, "WORK_ENTRIES", work)
+    scenario(0, LAYOUTS[1], [3, 45, 130], steps=12, ratio=0.6)
 
 
 @pytest.mark.parametrize("window", [0, 5, 40])
@@ -165,8 +207,10 @@ def test_cuda_path_rows_in_triton_unified_attention(window):
     )
 
 
-def scenario(window: int, layout, prompt_lens: list[int], steps: int) -> None:
-    sim = Sim(prompt_lens, steps, window, seed=window, layout=layout)
+def scenario(
+    window: int, layout, prompt_lens: list[int], steps: int, chunk=None, ratio=None
+) -> None:
+    sim = Sim(prompt_lens, steps, window, seed=window, layout=layout, chunk=chunk, ratio=ratio)
     BS = sim.bs
     chunk = 50
     state = {r: 0 for r in range(len(prompt_lens))}  # tokens computed
@@ -203,10 +247,13 @@ def scenario(window: int, layout, prompt_lens: list[int], steps: int) -> None:
         pruned, peak, end = sim.table.finished_counts(1 + 3 * r)
         judged = max(0, total[r] - window)
         keep = sim.scores[r, :, :judged] >= 0
+        if ratio is not None:
+            keep = sim.prompt_keep[r]
         assert pruned == (~keep).sum((1, 2)).tolist()
         assert end <= peak
     sim.table.release_keys([1 + 3 * r for r in range(len(prompt_lens))])
     assert sim.table.num_free == sim.table.capacity
+    assert sim.table.num_free_chunks == sim.table.num_chunks - 1
     assert sim.table.num_free_slots == 8
 
 
@@ -229,16 +276,40 @@ def test_preempted_request_restarts_and_a_dense_one_counts_its_prompt():
 
 
 def test_pool_refuses_to_overcommit():
-    sim = Sim([10], 1, window=4)
-    sim.table._alloc(sim.table.num_free)
+    """Two blocks: one usable page per (layer, head). A prompt of two pages per row runs the pool
+    dry; the device-side flag raises at the step's next read (its report), and the next plan."""
+    sim = Sim([40], 1, window=4, nb=2)
+    assert sim.table.capacity == L * H
+    rows = StepRows(keys=torch.tensor([1]), num_computed=torch.tensor([0]),
+                    query_lens=torch.tensor([40]), is_prefilling=torch.tensor([True]),
+                    query_start_loc=torch.tensor([0, 40]))  # fmt: skip
+    sim.table.plan(rows)
     with pytest.raises(RuntimeError, match="page pool exhausted"):
-        run_step(sim, [(0, 0, 10, True)])
+        sim.table.reports()
+    rows = StepRows(keys=torch.tensor([1]), num_computed=torch.tensor([40]),
+                    query_lens=torch.tensor([1]), is_prefilling=torch.tensor([False]),
+                    query_start_loc=torch.tensor([0, 1]))  # fmt: skip
+    with pytest.raises(RuntimeError, match="page pool exhausted"):
+        sim.table.plan(rows)
+
+
+def test_a_fitting_prompt_raises_nothing():
+    sim = Sim([32], 1, window=4, nb=2, layout=LAYOUTS[1])  # two pages of 16 per row: too many
+    sim2 = Sim([16], 1, window=4, nb=2, layout=LAYOUTS[1])  # one page per row: exactly the pool
+    run_step(sim2, [(0, 0, 16, True)])
+    assert sim2.table.reports()[1].pages == L * H and sim2.table.num_free == 0
+    rows = StepRows(keys=torch.tensor([1]), num_computed=torch.tensor([0]),
+                    query_lens=torch.tensor([32]), is_prefilling=torch.tensor([True]),
+                    query_start_loc=torch.tensor([0, 32]))  # fmt: skip
+    sim.table.plan(rows)
+    with pytest.raises(RuntimeError, match="page pool exhausted"):
+        sim.table.reports()
 
 
 def test_null_block_pages_are_never_handed_out():
     sim = Sim([10], 1, window=4)
-    ids = set(sim.table.free_pages.tolist())
-    page_elems = sim.bs * 2 * D
+    ids = set(sim.table.free_pages[: sim.table.capacity].tolist())
+    page_elems = sim.bs * page_cell(D, torch.float32)
     null = {
         (sim.buf[layer, 0, h].data_ptr() - sim.buf.data_ptr()) // (4 * page_elems)
         for layer in range(L)

@@ -53,8 +53,10 @@ class PruningRuntime:
         )
         self.keep_caches: dict[int, torch.Tensor] = {}  # mask mode
         self.pages: PageTable | None = None  # paged mode
-        # paged mode: the page table's directory, allocated with the model (where vLLM's memory
-        # profile counts it; it grows with max_num_seqs x max_model_len) and handed to the table
+        # paged mode: the per-row part of the page table's directory (chunk table and row state:
+        # 4 L (S+1) H ceil(P / chunk) + 48 L (S+1) H bytes, `cache/page_table.py`), allocated
+        # with the model, where vLLM's memory profile counts it, and handed to the table; its pool
+        # part follows the KV cache's pages and is allocated with the table
         self.directory = None
         if config.paged and block_size is not None:
             self.directory = allocate_directory(

@@ -1,12 +1,16 @@
 """Worker-side page state of paged mode: persistent tensors indexed by (layer, batch slot, KV head).
 
-vLLM allocates the KV cache as one buffer viewed per layer as `[num_blocks, H_kv, block_size, 2D]`;
-every (layer, block, head) cell is a *page* of `block_size` slots, read here as `[2 * block_size,
-D]`: keys, then values (`[block_size, D]`). Keys are stored transposed (`[D, block_size]`,
-`key_layout="transposed"`) in vLLM's CPU layout for the `vec`/`vec16` ISAs, whose kernel the CPU
-backend calls (`attention/rows.py`), or plainly (`[block_size, D]`, `key_layout="plain"`) for vLLM's
-Triton `unified_attention` (`attention/triton_rows.py`), which reads any strides. All pages but the
-null block's form one pool, shared by every layer, head and request (a free-page stack).
+vLLM allocates the KV cache as one buffer viewed per layer as `[num_blocks, H_kv, block_size, C]`;
+every (layer, block, head) cell is a *page* of `block_size` slots of `C = 2 * head_size +
+SCORE_BYTES / element size` elements (`page_cell`; `cache/spec.py` makes vLLM count the score bytes
+in its KV budget). A page holds its `block_size` keys, then its `block_size` values (`[block_size,
+D]`), then one float32 score per slot (`slot_scores`, a strided view of the same buffer). Keys are
+stored transposed (`[D, block_size]`, `key_layout="transposed"`) in vLLM's CPU layout for the
+`vec`/`vec16` ISAs, whose kernel the CPU backend calls (`attention/rows.py`), or plainly
+(`[block_size, D]`, `key_layout="plain"`) for vLLM's Triton `unified_attention`
+(`attention/triton_rows.py`), which reads any strides. Both kernels take the page stride from the
+tensors, so the scores after the values are invisible to them. All pages but the null block's
+form one pool, shared by every layer, head and request (a free-page stack).
 
 Each (request, layer, KV head) is a *row* of the engine's attention kernel: a page list where
 logical slot `j` lives at `pages[j // bs]`, offset `j % bs`, and the row's resident pairs are
@@ -23,14 +27,38 @@ exactly slots `0 .. seq_len - 1` (what vLLM's CPU kernel reads with one KV head 
   reused. With `W = 0` the new token itself is written on probation.
 A row therefore holds `ceil((K + W + surv + 1) / bs)` pages: memory follows the kept pairs.
 
+The page directory is two-level, so that its size follows the pool, not `max_num_seqs x
+max_model_len`: a row's page list is cut in *chunks* of `chunk` page ids (`chunk_pages`, about the
+square root of the longest row's pages), drawn from a chunk pool; the row's chunk table says which
+chunk holds its columns `c * chunk .. (c + 1) * chunk - 1`. Rows hold `ceil(pages / chunk)` chunks,
+so the chunk pool needs `ceil(pool pages / chunk)` full chunks plus one partial chunk per row.
+Bytes (`directory_shapes`, `pool_shapes`; S = max_num_seqs, R = L (S + 1) H_kv rows with slot S
+a dump row for masked writes, N pages in the buffer, P = ceil((max_model_len + 1) / bs), K = chunk):
+
+    4 R ceil(P / K) + 48 R                        chunk table, row state (allocated with the model)
+  + 4 (K + 1) (1 + L S H + ceil(N / K)) + 4 (N + 1)  chunk pool + its free stack, free-page stack
+
+(Qwen3-8B, S = 1024, max_model_len 40960, a 60 GiB pool: 48 + 14 + 108 + 31 MB; the flat
+`[L, S, H, P]` directory this replaces was 3.0 GB.) `tests/test_memory_bound.py` checks it.
+
 A step is planned once (`plan`, called when the KV connector binds the step, after it released
 finished and preempted requests, before the forward pass) with bulk tensor operations over all
 rows of all layers: slots for new requests, the previous step's verdicts, compactions, page
 allocation and frees, every layer's move of the tokens leaving the window (their K/V were written
-in earlier steps), and every layer's kernel arguments (`StepPlan`). A layer then only indexes the
-plan (`write_layer`: the step's K/V and scores; `attention/rows.py`: the kernel call). No Python
-loop over requests, layers or heads, and no host synchronisation inside a layer's forward; a few
-host reads of sizes per step, in the plan.
+in earlier steps), and the kernel arguments (`StepPlan`; block tables are gathered per layer when
+the layer asks). A layer then only indexes the plan (`write_layer`: the step's K/V and scores;
+`attention/rows.py`: the kernel call). No Python loop over requests, layers or heads, and no host
+synchronisation inside a layer. Sizes come from the host copies in `StepRows` and fixed bounds;
+free stacks keep their counters on the device and pop and push with masks. Device-to-host reads
+all go through `_read`: one per plan (which decoding rows compact, whether new rows had a stale
+slot, the pools' error flags) and one per `reports`; compactions and releases add their own
+(steps where requests start decoding or end). A pool that runs dry is found at the next read
+(flags on the device), not before the step's forward pass.
+
+Every per-step tensor has a bound (stated where it is made); the largest are a layer's block table
+`[B * H, ceil(P_step / K) * K]` int32 (at most 4 max_num_seqs H_kv ceil(P / K) K bytes), the step's
+write slots `[L, T * H]` int64, and passes over at most `WORK_ENTRIES` (layer, row, position)
+entries (compaction, release) or `MOVE_PAIRS` K/V pairs (moves).
 """
 
 from __future__ import annotations
@@ -38,6 +66,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+SCORE_BYTES = 4  # a float32 score per slot, in its page after the values
+WORK_ENTRIES = 1 << 20  # entries per pass of a compaction piece or a release block
+MOVE_PAIRS = 1 << 16  # K/V pairs per gather/scatter of a move
+
+
+def cdiv(a, b):
+    return -(-a // b)
 
 
 @dataclass
@@ -60,18 +96,40 @@ class StepRows:
     query_start_loc: torch.Tensor  # [B + 1] int64
 
 
+class LayerBlockTables:
+    """The step's block tables, one layer at a time: `[layer]` gathers that layer's `[B * H,
+    width]` int32 (row (b, h) -> its page ids) from the chunk table, when the layer asks.
+    `width = ceil(P_step / chunk) * chunk`, where `P_step` is the host-side bound on the step's
+    longest row (its request's tokens after the step, in pages); at most `max_num_seqs * H_kv *
+    ceil(max_pages / chunk) * chunk * 4` bytes, alive while the layer attends. Columns past a
+    row's pages hold ids the kernel never reads (it stops at the row's `seq_len`)."""
+
+    def __init__(self, table: PageTable, slots: torch.Tensor, num_chunks: int):
+        self.table, self.slots, self.num_chunks = table, slots, num_chunks
+
+    def __len__(self) -> int:
+        return self.table.num_layers
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        t = self.table
+        ids = t.chunk_table[layer, self.slots, :, : self.num_chunks]  # [B, H, c] chunk ids
+        return t.chunks[ids].view(-1, self.num_chunks * t.chunk)
+
+
 @dataclass
 class StepPlan:
-    """Everything a layer needs for this step; leading dim L (layers) where present."""
+    """Everything a layer needs for this step; leading dim L (layers) where present. Bounds:
+    `seq_lens` 4 L B H bytes, `write_slots` 8 L T H, `query_perm` 8 T H, `row_query_start_loc`
+    4 (B H + 1); `block_tables` as `LayerBlockTables`."""
 
     num_tokens: int
-    block_tables: torch.Tensor  # [L, B * H, P] int32: row (b, h) -> its pages
+    block_tables: LayerBlockTables  # [layer] -> [B * H, width] int32: row (b, h) -> its pages
     seq_lens: torch.Tensor  # [L, B * H] int32: resident slots per row during the step
     row_query_start_loc: torch.Tensor  # [B * H + 1] int32
     query_perm: torch.Tensor | None  # [T * H]: row order -> (token, head) order; None = identity
     write_slots: torch.Tensor  # [L, T * H] int64: physical slot of (token, head)
     max_query_len: int = 1  # longest row query in the step
-    max_seq_len: int = 0  # bound on every row's resident slots (block-table width x block size)
+    max_seq_len: int = 0  # bound on every row's resident slots (a multiple of the block size)
 
 
 # Row state fields: pages held; prompt survivors (the ring starts after them); decoding survivors
@@ -82,27 +140,72 @@ NUM_PAGES, BASE, SURV, SEQ_LEN, PRUNED, PENDING = range(len(ROW_FIELDS))
 # to be read from its score at the next plan (window 0: the token was written in that step)
 PEND_NONE, PEND_KEEP, PEND_PRUNE, PEND_SCORE = range(4)
 KEY_LAYOUTS = ("transposed", "plain")
+# the free stacks (counters in `PageTable._top`) and the error flags (`PageTable._short`)
+PAGES, CHUNKS, SLOTS, BOUND = range(4)
+
+
+def page_cell(head_size: int, dtype: torch.dtype) -> int:
+    """Elements per slot of a page: its key, its value and its score (`SCORE_BYTES`)."""
+    if SCORE_BYTES % dtype.itemsize:
+        raise ValueError(f"kv_pruning: no page layout for {dtype} ({dtype.itemsize} bytes)")
+    return 2 * head_size + SCORE_BYTES // dtype.itemsize
 
 
 def max_pages_per_row(max_model_len: int, block_size: int) -> int:
-    return -(-(max_model_len + 1) // block_size)  # + the probation slot
+    return cdiv(max_model_len + 1, block_size)  # + the probation slot
 
 
-def directory_shapes(num_layers, max_slots, num_heads, max_model_len, block_size) -> list[tuple]:
-    """Shapes of the page directory: each row's page ids, and its state (`ROW_FIELDS`, packed so
-    that a step gathers and scatters them at once)."""
-    rows = (num_layers, max_slots, num_heads)
-    return [(*rows, max_pages_per_row(max_model_len, block_size)), (*rows, len(ROW_FIELDS))]
+def chunk_pages(max_pages: int) -> int:
+    """Page ids per chunk of the directory: the power of two that minimises a row's chunk-table
+    entries plus its one partial chunk (`ceil(P / K) + K`), i.e. about sqrt(P)."""
+    return min((cdiv(max_pages, 1 << i) + (1 << i), 1 << i) for i in range(17))[1]
 
 
-def allocate_directory(num_layers, max_slots, num_heads, max_model_len, block_size, device):
-    pages_shape, state_shape = directory_shapes(
-        num_layers, max_slots, num_heads, max_model_len, block_size
+def directory_shapes(
+    num_layers, max_slots, num_heads, max_model_len, block_size, chunk: int | None = None
+) -> list[tuple]:
+    """Shapes of the per-row part of the directory: each row's chunk ids, and its state
+    (`ROW_FIELDS`, packed so that a step gathers and scatters them at once). Slot `max_slots` is
+    a dump row for masked writes."""
+    P = max_pages_per_row(max_model_len, block_size)
+    K = chunk or chunk_pages(P)
+    rows = (num_layers, max_slots + 1, num_heads)
+    return [(*rows, cdiv(P, K)), (*rows, len(ROW_FIELDS))]
+
+
+def allocate_directory(
+    num_layers, max_slots, num_heads, max_model_len, block_size, device, chunk: int | None = None
+):
+    """The per-row part of the directory (chunk table int32, row state int64): allocated with the
+    model, where vLLM's memory profile counts it."""
+    table_shape, state_shape = directory_shapes(
+        num_layers, max_slots, num_heads, max_model_len, block_size, chunk
     )
     return (
-        torch.zeros(pages_shape, dtype=torch.int32, device=device),
+        torch.zeros(table_shape, dtype=torch.int32, device=device),
         torch.zeros(state_shape, dtype=torch.int64, device=device),
     )
+
+
+def pool_shapes(num_pages: int, num_rows: int, chunk: int) -> dict[str, tuple]:
+    """Shapes of the pool part of the directory, for `num_pages` pages in the buffer and
+    `num_rows` rows: the chunk pool (chunk 0 is a dump for masked writes, then one partial chunk
+    per row and enough full ones for every page), its free stack and the free-page stack (each
+    with a dump entry at the end)."""
+    num_chunks = 1 + num_rows + cdiv(num_pages, chunk)
+    return {
+        "chunks": (num_chunks, chunk),
+        "free_chunks": (num_chunks,),
+        "free_pages": (num_pages + 1,),
+    }
+
+
+def allocate_pool(num_pages: int, num_rows: int, chunk: int, device) -> dict[str, torch.Tensor]:
+    """The pool part of the directory (int32), allocated once the KV cache exists."""
+    return {
+        name: torch.zeros(shape, dtype=torch.int32, device=device)
+        for name, shape in pool_shapes(num_pages, num_rows, chunk).items()
+    }
 
 
 class PageTable:
@@ -117,130 +220,231 @@ class PageTable:
         alpha: float = 0.2,
         key_layout: str = "transposed",
         directory: tuple[torch.Tensor, torch.Tensor] | None = None,
+        chunk: int | None = None,
     ):
         if key_layout not in KEY_LAYOUTS:
             raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}")
         self.key_layout = key_layout
         first = kv_caches[0]
         self.device = dev = first.device
-        num_blocks, num_heads, block_size, two_d = first.shape
+        num_blocks, num_heads, block_size, cell = first.shape
         self.num_layers, self.num_heads, self.block_size = len(kv_caches), num_heads, block_size
-        self.head_size = two_d // 2
+        self.head_size = D = (cell - SCORE_BYTES // first.element_size()) // 2
+        if D <= 0 or page_cell(D, first.dtype) != cell:
+            raise ValueError(
+                f"kv_pruning: KV cache cells of {cell} elements are not 2 * head_size + a "
+                f"{SCORE_BYTES}-byte score (`page_cell`; caches come from KVzapAttentionSpec)"
+            )
         self.window = window
         self.ratio, self.alpha = ratio, alpha  # ratio mode: AdaKV over the prompt (window 0)
-        page_elems = block_size * two_d
+        page_elems = block_size * cell
         storage = first.untyped_storage()
-        num_pages = storage.nbytes() // (page_elems * first.element_size())
-        # [num_pages, 2 * bs * D]: the flat page; key_cache/value_cache are the kernel's views
-        self.kv_pages = torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        es = first.element_size()
+        num_pages = storage.nbytes() // (page_elems * es)
+        self.num_pages_total = num_pages
+        # [num_pages, page]: the flat page; key_cache/value_cache are the kernel's views
+        self.kv_pages = torch.empty(0, dtype=first.dtype, device=dev).set_(
             storage, 0, (num_pages, page_elems), (page_elems, 1)
         )
-        paged = self.kv_pages.view(num_pages, 1, 2 * block_size, self.head_size)
+        half = block_size * D
+        paged = self.kv_pages[:, : 2 * half].view(num_pages, 1, 2 * block_size, D)
         self.key_cache, self.value_cache = paged.chunk(2, dim=2)  # [pages, 1, bs, D] each
-        half = block_size * self.head_size
         if key_layout == "transposed":
-            self._keys = self.kv_pages[:, :half].view(num_pages, self.head_size, block_size)
+            self._keys = self.kv_pages[:, :half].view(num_pages, D, block_size)
         else:
-            self._keys = self.kv_pages[:, :half].view(num_pages, block_size, self.head_size)
-        self._values = self.kv_pages[:, half:].view(num_pages, block_size, self.head_size)
+            self._keys = self.kv_pages[:, :half].view(num_pages, block_size, D)
+        self._values = self.kv_pages[:, half : 2 * half].view(num_pages, block_size, D)
+        # the scores: float32 [num_pages, bs] after each page's values (inside vLLM's budget)
+        self.slot_scores = torch.empty(0, dtype=torch.float32, device=dev).set_(
+            storage, 2 * half * es // 4, (num_pages, block_size), (page_elems * es // 4, 1)
+        )
         usable = []
         for cache in kv_caches:
             assert cache.shape == first.shape and cache.untyped_storage().data_ptr() == (
                 storage.data_ptr()
             ), "kv_pruning expects all layers' KV caches in one buffer"
-            assert cache.stride(2) == two_d and cache.stride(3) == 1
+            assert cache.stride(2) == cell and cache.stride(3) == 1
             base = cache.storage_offset() // page_elems
             blocks = torch.arange(1, num_blocks)[:, None] * (cache.stride(0) // page_elems)
             heads = torch.arange(num_heads)[None, :] * (cache.stride(1) // page_elems)
             usable.append((base + blocks + heads).reshape(-1))
-        self.free_pages = torch.cat(usable).flip(0).to(dev, torch.int32)  # a stack, top at the end
-        self.num_free = self.capacity = self.free_pages.numel()
-        self.slot_scores = torch.zeros(num_pages * block_size, dtype=torch.float32, device=dev)
+        usable = torch.cat(usable).flip(0).to(dev, torch.int32)  # a stack, top at the end
+        self.capacity = usable.numel()
+        # a null-block page (never handed out): where masked moves put what they do not move
+        self._dump_page = first.storage_offset() // page_elems
 
         L, S, H = self.num_layers, max_slots, num_heads
+        self.max_slots = S
         self.max_pages = max_pages_per_row(max_model_len, block_size)
-        # the page directory (`directory_shapes`): given when allocated earlier (at model load, so
-        # that vLLM's memory profile counts it), else allocated here
+        self.chunk = K = chunk or chunk_pages(self.max_pages)
+        # the per-row directory (`directory_shapes`): given when allocated earlier (at model load,
+        # so that vLLM's memory profile counts it), else allocated here; slot S is a dump row
         if directory is None or [tuple(t.shape) for t in directory] != directory_shapes(
-            L, S, H, max_model_len, block_size
+            L, S, H, max_model_len, block_size, K
         ):
-            directory = allocate_directory(L, S, H, max_model_len, block_size, dev)
-        self.pages, self.state = directory  # [L, S, H, P] int32, [L, S, H, fields] int64
-        self.pages.zero_()
+            directory = allocate_directory(L, S, H, max_model_len, block_size, dev, K)
+        self.chunk_table, self.state = directory  # [L, S+1, H, chunks] int32, [.., fields] int64
+        self.chunk_table.zero_()
         self.state.zero_()
         self.num_pages, self.base, self.surv, self.seq_len, self.pruned, self.pending = (
             self.state.unbind(-1)
         )
-        self.num_tokens = torch.zeros(S, dtype=torch.int64, device=dev)
-        self.shift = torch.zeros(S, dtype=torch.int64, device=dev)
-        self.dense = torch.ones(S, dtype=torch.bool, device=dev)
-        self.peak_pages = torch.zeros(S, dtype=torch.int64, device=dev)
+        # the pool part: chunks of page ids, and the free stacks (`pool_shapes`)
+        pool = allocate_pool(num_pages, L * S * H, K, dev)
+        self.chunks, self.free_chunks, self.free_pages = (
+            pool["chunks"], pool["free_chunks"], pool["free_pages"]
+        )  # fmt: skip
+        self.num_chunks = self.chunks.shape[0]
+        self.free_pages[: self.capacity] = usable
+        self.free_chunks[: self.num_chunks - 1] = torch.arange(
+            self.num_chunks - 1, 0, -1, dtype=torch.int32, device=dev
+        )  # chunk 0 is the dump
+        # per slot (slot S: the dump row); index -1 (no slot) lands on it
+        self.num_tokens = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+        self.shift = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+        self.dense = torch.ones(S + 1, dtype=torch.bool, device=dev)
+        self.peak_pages = torch.zeros(S + 1, dtype=torch.int64, device=dev)
         # each slot's threshold (ratio in ratio mode): the engine's, or its request's own, which
         # `set_request_values` parks by key until the request takes a slot. Thresholds compare in
         # float32 as kvpress's (a Python float against float32 scores); ratios stay float64
         # (`adakv_counts`: 0.3 in float32 is another number).
         self.default_value = float(threshold if ratio is None else ratio)
         vdtype = torch.float32 if ratio is None else torch.float64
-        self.slot_value = torch.full((S,), self.default_value, dtype=vdtype, device=dev)
-        self.key_value = torch.full((num_blocks,), float("nan"), dtype=vdtype, device=dev)
-        self.key_of_slot = torch.full((S,), -1, dtype=torch.int64, device=dev)
-        self.slot_of_key = torch.full((num_blocks,), -1, dtype=torch.int64, device=dev)
-        self.free_slots = torch.arange(S - 1, -1, -1, dtype=torch.int64, device=dev)
-        self.num_free_slots = S
+        self.slot_value = torch.full((S + 1,), self.default_value, dtype=vdtype, device=dev)
+        self.key_of_slot = torch.full((S + 1,), -1, dtype=torch.int64, device=dev)
+        # per key (a block id; entry num_blocks: the dump for key -1)
+        self.key_value = torch.full((num_blocks + 1,), float("nan"), dtype=vdtype, device=dev)
+        self.slot_of_key = torch.full((num_blocks + 1,), -1, dtype=torch.int64, device=dev)
+        self.free_slots = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+        self.free_slots[:S] = torch.arange(S - 1, -1, -1, dtype=torch.int64, device=dev)
+        # the free stacks' tops (pages, chunks, slots) and error flags (a stack ran dry by that
+        # many; a row grew past its host-side bound), read with the step's reads
+        self._top = torch.tensor(
+            [self.capacity, self.num_chunks - 1, S], dtype=torch.int64, device=dev
+        )
+        self._short = torch.zeros(4, dtype=torch.int64, device=dev)
         self._planned: tuple[StepRows, StepPlan] | None = None
         self._report: tuple[torch.Tensor, ...] | None = None  # the last step's, for `reports`
         self._layer_idx = torch.arange(L, device=dev).view(-1, 1, 1)
         self._head_idx = torch.arange(H, device=dev).view(1, 1, -1)
         self._row_starts = torch.arange(S * H + 1, dtype=torch.int32, device=dev)  # decode rows: one query each
 
-    # ------------------------------------------------------------------ pool
-    def _alloc(self, n: int) -> torch.Tensor:
-        if n > self.num_free:
+    # ------------------------------------------------------------------ host reads
+    def _read(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """Every device-to-host read of the page state goes through here (`what` names it)."""
+        return t.cpu()
+
+    def _check(self, short: torch.Tensor) -> None:
+        """Raise on the error flags (a host copy of `_short`)."""
+        pages, chunks, slots, bound = (int(x) for x in short)
+        if pages:
             raise RuntimeError(
-                f"kv_pruning page pool exhausted: {n} pages wanted, {self.num_free} free "
+                f"kv_pruning page pool exhausted: {pages} pages more wanted than were free "
                 "(scheduler accounting and worker pages disagree)"
             )
-        self.num_free -= n
-        return self.free_pages[self.num_free : self.num_free + n]
+        if slots:
+            raise RuntimeError(f"kv_pruning: more running requests than {self.max_slots}")
+        if chunks or bound:
+            raise RuntimeError(f"kv_pruning: page directory out of bounds ({chunks}, {bound})")
 
-    def _free(self, ids: torch.Tensor) -> None:
-        n = ids.numel()
-        self.free_pages[self.num_free : self.num_free + n] = ids
-        self.num_free += n
+    @property
+    def num_free(self) -> int:
+        """Free pages (a device read: for tests and tools)."""
+        return int(self._top[PAGES])
 
-    def _row_pages(self, slots, upto: torch.Tensor, start: torch.Tensor | None = None):
-        """Page ids of the rows [L, X, H] of request slots [X] at columns start .. upto - 1."""
-        cols = torch.arange(self.max_pages, device=self.device)
-        lo = torch.zeros_like(upto) if start is None else start
-        mask = (cols >= lo[..., None]) & (cols < upto[..., None])
-        layer, head = self._layer_idx[..., None], self._head_idx[..., None]
-        return self.pages[layer, slots.view(1, -1, 1, 1), head, cols][mask]
+    @property
+    def num_free_chunks(self) -> int:
+        return int(self._top[CHUNKS])
 
-    def _page_of(self, slot: torch.Tensor, logical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(page ids, offsets) of logical slots [L, X, H, *rest] of request slots [X]."""
+    @property
+    def num_free_slots(self) -> int:
+        return int(self._top[SLOTS])
+
+    # ------------------------------------------------------------------ stacks (no host reads)
+    def _push(self, which: int, stack: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
+        """Push `values[valid]` ([M], in order) onto a free stack; the others go to its dump."""
+        v = valid.long()
+        top = self._top[which]
+        pos = torch.where(valid, top + v.cumsum(0) - v, stack.numel() - 1)
+        stack[pos.clamp_(max=stack.numel() - 1)] = values.to(stack.dtype)
+        self._top[which] = top + v.sum()
+
+    def _pop(self, which: int, stack: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One item of a free stack for each valid entry of `valid` ([M]): the top `sum(valid)`
+        items, bottom first, in entry order; invalid entries get any item. A stack that runs dry
+        sets its error flag (checked at the next read) and hands out items it does not have."""
+        v = valid.long()
+        top, total = self._top[which], v.sum()
+        idx = (top - total + v.cumsum(0) - v).clamp_(0, stack.numel() - 2)
+        items = stack[idx]
+        self._short[which] = torch.maximum(self._short[which], total - top)
+        self._top[which] = (top - total).clamp(min=0)
+        return items
+
+    # ------------------------------------------------------------------ directory lookups
+    def _page_of(self, slot: torch.Tensor, logical: torch.Tensor, layers=None):
+        """(page ids, offsets) of logical slots [l, X, H, *rest] of request slots [X], in all
+        layers or in `layers` ([l])."""
         extra = (1,) * (logical.dim() - 3)
-        layer = self._layer_idx.view(-1, 1, 1, *extra)
+        layer = (self._layer_idx if layers is None else layers).view(-1, 1, 1, *extra)
         head = self._head_idx.view(1, 1, -1, *extra)
-        col = (logical // self.block_size).clamp_(max=self.max_pages - 1)
-        return self.pages[layer, slot.view(1, -1, 1, *extra), head, col], logical % self.block_size
+        col = (logical // self.block_size).clamp(max=self.max_pages - 1)
+        chunk = self.chunk_table[layer, slot.view(1, -1, 1, *extra), head, col // self.chunk]
+        return self.chunks[chunk, col % self.chunk], logical % self.block_size
 
-    def _phys(self, slot: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
-        """Physical slots of logical slots [L, X, H, *rest] of request slots [X]."""
-        page, offset = self._page_of(slot, logical)
+    def _phys(self, slot: torch.Tensor, logical: torch.Tensor, layers=None) -> torch.Tensor:
+        """Physical slots (page * bs + offset) of logical slots [l, X, H, *rest]."""
+        page, offset = self._page_of(slot, logical, layers)
         return page.long() * self.block_size + offset
+
+    def held_page_ids(self) -> torch.Tensor:
+        """Every page id some row holds (tests and tools; reads the device)."""
+        cols = torch.arange(self.max_pages, device=self.device)
+        slots = torch.arange(self.max_slots + 1, device=self.device)
+        pages, _ = self._page_of(slots, cols.view(1, 1, 1, -1) * self.block_size)
+        return pages[cols < self.num_pages[..., None]]
 
     # ------------------------------------------------------------------ requests
     def release_keys(self, keys: list[int]) -> None:
         if not keys:
             return
         keys_t = torch.tensor(keys, dtype=torch.int64, device=self.device)
-        slots = self.slot_of_key[keys_t]
-        self._release_slots(slots[slots >= 0])
+        self._release_slots(self.slot_of_key[keys_t])
 
     def _release_slots(self, slots: torch.Tensor) -> None:
-        if slots.numel() == 0:
+        """Give back the pages, chunks and slots of request slots [X] (-1: none). One host read
+        (which are slots, and their rows' page counts); then blocks of at most `WORK_ENTRIES`
+        page ids."""
+        L, H, K, S = self.num_layers, self.num_heads, self.chunk, self.max_slots
+        X = slots.numel()
+        if X == 0:
             return
-        self._free(self._row_pages(slots, self.num_pages[:, slots]))
+        npg = self.num_pages[:, slots]  # [L, X, H] (the dump row's zeros for -1)
+        got = self._read(torch.cat(((slots >= 0).long(), npg.flatten())), "release")
+        live_h = got[:X].bool()
+        if not bool(live_h.any()):
+            return
+        idx_h = live_h.nonzero().flatten()
+        slots = slots[idx_h.to(self.device)]
+        npg_h = got[X:].view(L, X, H)[:, idx_h]  # [L, X', H]
+        X = slots.numel()
+        # the rows' chunks, in (layer, slot, head, column) order: the order of the old page list
+        held_h = cdiv(npg_h, K).flatten()
+        M = int(held_h.sum())
+        row_h = torch.repeat_interleave(torch.arange(held_h.numel()), held_h)
+        col_h = torch.arange(M) - (held_h.cumsum(0) - held_h)[row_h]
+        npg_rows = npg_h.flatten().to(self.device)
+        block = max(1, WORK_ENTRIES // K)
+        kcols = torch.arange(K, device=self.device)
+        for start in range(0, M, block):
+            row = row_h[start : start + block].to(self.device)
+            col = col_h[start : start + block].to(self.device)
+            layer, x, head = row // (X * H), (row // H) % X, row % H
+            chunk = self.chunk_table[layer, slots[x], head, col]  # [m]
+            pages = self.chunks[chunk]  # [m, K]
+            valid = col[:, None] * K + kcols < npg_rows[row][:, None]
+            self._push(PAGES, self.free_pages, pages.flatten(), valid.flatten())
+            self._push(CHUNKS, self.free_chunks, chunk, torch.ones_like(col, dtype=torch.bool))
         self.state[:, slots] = 0
         self.num_tokens[slots] = 0
         self.shift[slots] = 0
@@ -248,9 +452,7 @@ class PageTable:
         self.peak_pages[slots] = 0
         self.slot_of_key[self.key_of_slot[slots]] = -1
         self.key_of_slot[slots] = -1
-        n = slots.numel()
-        self.free_slots[self.num_free_slots : self.num_free_slots + n] = slots
-        self.num_free_slots += n
+        self._push(SLOTS, self.free_slots, slots, torch.ones_like(slots, dtype=torch.bool))
 
     def set_request_values(self, values: dict[int, float]) -> None:
         """Own thresholds (ratios) of requests that take a slot in the next plan, by key."""
@@ -260,11 +462,7 @@ class PageTable:
             )
 
     def _assign_slots(self, keys: torch.Tensor) -> None:
-        n = keys.numel()
-        if n > self.num_free_slots:
-            raise RuntimeError(f"kv_pruning: more running requests than {self.key_of_slot.numel()}")
-        self.num_free_slots -= n
-        slots = self.free_slots[self.num_free_slots : self.num_free_slots + n].clone()
+        slots = self._pop(SLOTS, self.free_slots, torch.ones_like(keys, dtype=torch.bool))
         self.slot_of_key[keys] = slots
         self.key_of_slot[slots] = keys
         own = self.key_value[keys]
@@ -272,22 +470,22 @@ class PageTable:
         self.key_value[keys] = float("nan")
 
     # ------------------------------------------------------------------ verdicts
-    def _keep(self, phys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Keep decisions of the pairs at physical slots [L, X, H, ...] of request slots [X]
+    def _keep(self, page: torch.Tensor, offset: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Keep decisions of the pairs at (page, offset) [l, X, H, ...] of request slots [X]
         (ratio mode: every generated pair is kept)."""
         if self.ratio is not None:
-            return torch.ones(phys.shape, dtype=torch.bool, device=self.device)
-        thr = self.slot_value[slots].view(1, -1, *([1] * (phys.dim() - 2)))
-        return self.slot_scores[phys] >= thr
+            return torch.ones(page.shape, dtype=torch.bool, device=self.device)
+        thr = self.slot_value[slots].view(1, -1, *([1] * (page.dim() - 2)))
+        return self.slot_scores[page, offset] >= thr
 
-    def _prompt_keep(self, phys: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor):
-        """Verdicts on the prompt's pairs at physical slots [L, C, H, T] (lengths [C]): the
+    def _prompt_keep(self, page, offset, slots: torch.Tensor, lengths: torch.Tensor):
+        """Verdicts on the prompt's pairs at (page, offset) [l, C, H, T] (lengths [C]): the
         threshold, or in ratio mode AdaKV over each layer's whole prompt (`scorers/adakv.py`)."""
         if self.ratio is None:
-            return self._keep(phys, slots)
+            return self._keep(page, offset, slots)
         from vllm_kvzap.scorers.adakv import adakv_keep
 
-        scores = self.slot_scores[phys].permute(1, 0, 3, 2)  # [C, L, T, H]
+        scores = self.slot_scores[page, offset].permute(1, 0, 3, 2)  # [C, l, T, H]
         keep = adakv_keep(scores, lengths, self.slot_value[slots], self.alpha)
         return keep.permute(1, 0, 3, 2)
 
@@ -297,55 +495,97 @@ class PageTable:
         st = self.state[:, slots]
         pend = st[..., PENDING]
         if self.window == 0:  # judged from the score its own step wrote
-            keep = self._keep(self._phys(slots, st[..., BASE] + st[..., SURV]), slots)
+            keep = self._keep(*self._page_of(slots, st[..., BASE] + st[..., SURV]), slots)
             pend = torch.where(pend == PEND_SCORE, PEND_PRUNE - keep.long(), pend)
         st[..., SURV] += pend == PEND_KEEP
         st[..., PRUNED] += pend == PEND_PRUNE
         st[..., PENDING] = PEND_NONE
         return st
 
-    def _compact(self, slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
-        """End of the prompt: judge every token older than the window, keep survivors + window."""
-        W, bs = self.window, self.block_size
-        positions = torch.arange(int(num_tokens.max()), device=self.device)
-        shift = (num_tokens - W).clamp(min=0)
-        valid = positions[None] < num_tokens[:, None]  # [C, T]
-        judged = (positions[None] < shift[:, None])[None, :, None, :]  # [1, C, 1, T]
-        phys = self._phys(slots, positions.view(1, 1, 1, -1))  # [L, C, H, T]
-        keep = self._prompt_keep(phys, slots, num_tokens)
-        kept = keep & judged
-        survivors = kept.sum(-1)  # [L, C, H]
-        self.pruned[:, slots] += (judged & ~keep & valid[None, :, None, :]).sum(-1)
-        in_window = valid[None, :, None, :] & ~judged
-        dest = torch.where(
-            kept,
-            kept.cumsum(-1) - 1,
-            torch.where(in_window, survivors[..., None] + positions - shift[None, :, None, None], -1),
-        )
-        moving = (dest >= 0) & (dest != positions)
-        if bool(moving.any()):
-            src = phys[moving]
-            dst = self._phys(slots, dest.clamp(min=0))[moving]
-            self._move(src, dst)
-        self.base[:, slots] = survivors
-        self.surv[:, slots] = 0
-        self.shift[slots] = shift
-        self.dense[slots] = False
+    def _pieces(self, lengths_h: torch.Tensor):
+        """Split work over prompts of `lengths_h` (host, [C]) into (layers, request indices)
+        pieces of at most `WORK_ENTRIES` (layer, request, head, position) entries (prompts padded
+        to the piece's longest), or one layer of one prompt when that alone is more. Host only."""
+        L, H = self.num_layers, self.num_heads
+        order = torch.argsort(lengths_h, descending=True, stable=True)
+        i, C = 0, order.numel()
+        while i < C:
+            per_layer = H * max(1, int(lengths_h[order[i]]))
+            if per_layer * L <= WORK_ENTRIES:
+                n = min(C - i, WORK_ENTRIES // (per_layer * L))
+                yield (0, L), order[i : i + n]
+                i += n
+            else:
+                group = max(1, WORK_ENTRIES // per_layer)
+                for l0 in range(0, L, group):
+                    yield (l0, min(L, l0 + group)), order[i : i + 1]
+                i += 1
+
+    def _compact(self, slots: torch.Tensor, lengths_h: torch.Tensor) -> None:
+        """End of the prompt: judge every token older than the window, keep survivors + window.
+        In `_pieces` (whole prompts, some layers); one host read per piece (how many pairs move)."""
+        dev, W = self.device, self.window
+        lengths = lengths_h.to(dev)
         # the dense prompt is a request's peak until decoding outgrows it (pages never shrink
         # while decoding: a pruned probation slot is reused)
         self.peak_pages[slots] = self.num_pages[:, slots].sum((0, 2))
-        # give back the prompt's spare pages (the step's allocation adds what it needs)
-        in_ring = (num_tokens - shift)[None, :, None]
-        need = -(-(survivors + in_ring) // bs)
-        have = self.num_pages[:, slots]
-        self._free(self._row_pages(slots, have, need))
-        self.num_pages[:, slots] = torch.minimum(have, need)
+        for (l0, l1), idx_h in self._pieces(lengths_h):
+            idx, longest = idx_h.to(dev), int(lengths_h[idx_h].max())
+            self._compact_piece(torch.arange(l0, l1, device=dev), slots[idx], lengths[idx], longest)
+        self.shift[slots] = (lengths - W).clamp(min=0)
+        self.dense[slots] = False
 
-    def _move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy the pairs and their scores at physical slots src to dst (gather, then scatter)."""
-        bs = self.block_size
-        self.slot_scores[dst] = self.slot_scores[src]
-        self._move_pairs(src // bs, src % bs, dst // bs, dst % bs)
+    def _compact_piece(self, layers, slots, num_tokens, T: int) -> None:
+        """Compact rows [l, C, H] (layers `layers`, request slots `slots`, prompts of
+        `num_tokens` <= T tokens): temporaries of l C H T entries."""
+        W, bs, K, H = self.window, self.block_size, self.chunk, self.num_heads
+        dev = self.device
+        positions = torch.arange(T, device=dev)
+        shift = (num_tokens - W).clamp(min=0)
+        valid = positions[None] < num_tokens[:, None]  # [C, T]
+        judged = (positions[None] < shift[:, None])[None, :, None, :]  # [1, C, 1, T]
+        page, offset = self._page_of(slots, positions.view(1, 1, 1, -1), layers)  # [l, C, H, T]
+        keep = self._prompt_keep(page, offset, slots, num_tokens)
+        kept = keep & judged
+        survivors = kept.sum(-1)  # [l, C, H]
+        self.pruned[layers[:, None, None], slots[None, :, None], self._head_idx] += (
+            judged & ~keep
+        ).sum(-1)
+        in_window = (valid & ~judged[0, :, 0])[None, :, None, :]
+        ring_slot = survivors[..., None] + positions - shift[None, :, None, None]
+        dest = torch.where(kept, kept.cumsum(-1) - 1, torch.where(in_window, ring_slot, -1))
+        moving = ((dest >= 0) & (dest != positions)).flatten()
+        count = int(self._read(moving.sum(), "compaction"))
+        if count:
+            sel = torch.nonzero_static(moving, size=count).flatten()
+            row, C = sel // T, slots.numel()  # row = (layer, request, head) of each moving pair
+            lay, req, head = layers[row // (C * H)], slots[(row // H) % C], row % H
+            dst = dest.flatten()[sel]
+            col = dst // bs
+            dst_page = self.chunks[self.chunk_table[lay, req, head, col // K], col % K]
+            self._move(page.flatten()[sel], (sel % T) % bs, dst_page, dst % bs)
+        lsel, ssel = layers[:, None, None], slots[None, :, None]
+        self.base[lsel, ssel, self._head_idx] = survivors
+        self.surv[lsel, ssel, self._head_idx] = 0
+        # give back the prompt's spare pages and chunks (the step's allocation adds what it needs)
+        in_ring = (num_tokens - shift)[None, :, None]
+        need = cdiv(survivors + in_ring, bs)
+        have = self.num_pages[lsel, ssel, self._head_idx]  # [l, C, H] <= ceil(T / bs)
+        cols = torch.arange(cdiv(T, bs), device=dev)
+        spare = (cols >= need[..., None]) & (cols < have[..., None])
+        spare_pages, _ = self._page_of(slots, cols.view(1, 1, 1, -1) * bs, layers)
+        self._push(PAGES, self.free_pages, spare_pages.flatten(), spare.flatten())
+        ccols = torch.arange(cdiv(cdiv(T, bs), K), device=dev)
+        spare = (ccols >= cdiv(need, K)[..., None]) & (ccols < cdiv(have, K)[..., None])
+        heads = self._head_idx[..., None]
+        spare_chunks = self.chunk_table[lsel[..., None], ssel[..., None], heads, ccols]
+        self._push(CHUNKS, self.free_chunks, spare_chunks.flatten(), spare.flatten())
+        self.num_pages[lsel, ssel, self._head_idx] = torch.minimum(have, need)
+
+    def _move(self, sp, so, dp, do) -> None:
+        """Copy the pairs and their scores at (page, offset) sp, so to dp, do."""
+        self.slot_scores[dp, do] = self.slot_scores[sp, so]
+        self._move_pairs(sp, so, dp, do)
 
     def key_at(self, page: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The keys [..., D] at (page, offset), in either key layout (a copy)."""
@@ -354,49 +594,66 @@ class PageTable:
         return self._keys[page, offset]
 
     def _move_pairs(self, sp, so, dp, do) -> None:
-        """Copy the K/V pairs at (page, offset) sp, so to dp, do, in the page layout."""
-        keys = self.key_at(sp, so)  # [M, D] (advanced indexing copies)
-        values = self._values[sp, so]
-        if self.key_layout == "transposed":
-            self._keys[dp, :, do] = keys
-        else:
-            self._keys[dp, do] = keys
-        self._values[dp, do] = values
+        """Copy the K/V pairs at (page, offset) sp, so to dp, do ([M] each), in the page layout,
+        `MOVE_PAIRS` at a time (gather, then scatter: no destination is a later source)."""
+        for i in range(0, sp.numel(), MOVE_PAIRS):
+            s = slice(i, i + MOVE_PAIRS)
+            keys = self.key_at(sp[s], so[s])  # [m, D] (advanced indexing copies)
+            values = self._values[sp[s], so[s]]
+            if self.key_layout == "transposed":
+                self._keys[dp[s], :, do[s]] = keys
+            else:
+                self._keys[dp[s], do[s]] = keys
+            self._values[dp[s], do[s]] = values
 
     # ------------------------------------------------------------------ the step
     def plan(self, rows: StepRows) -> StepPlan:
         """The step's plan, made once (the first layer to ask makes it)."""
         if self._planned is not None and self._planned[0] is rows:
             return self._planned[1]
+        self._planned = None  # the last step's plan is spent: not alive while this one is made
         plan = self._plan(rows)
         self._planned = (rows, plan)
         return plan
 
     def _plan(self, rows: StepRows) -> StepPlan:
-        W, bs, L, H = self.window, self.block_size, self.num_layers, self.num_heads
+        W, bs, L, H, K = self.window, self.block_size, self.num_layers, self.num_heads, self.chunk
         dev = self.device
-        # sizes known on the host (no device reads); the rest moves to the page state's device
-        B = rows.query_lens.numel()
-        max_qlen = int(rows.query_lens.max()) if B else 0
-        num_step_tokens = int(rows.query_start_loc[-1]) if B else 0
-        any_fresh = bool((rows.num_computed == 0).any())
-        keys, computed, qlens = (t.to(dev) for t in (rows.keys, rows.num_computed, rows.query_lens))
-        is_prefilling, query_start_loc = rows.is_prefilling.to(dev), rows.query_start_loc.to(dev)
+        # host-side sizes (StepRows' cpu tensors: no device reads)
+        qlens_h, computed_h = rows.query_lens, rows.num_computed
+        B = qlens_h.numel()
+        decoding_h = (qlens_h == 1) & ~rows.is_prefilling
+        fresh_h = computed_h == 0
+        max_qlen = int(qlens_h.max()) if B else 0
+        T = int(rows.query_start_loc[-1]) if B else 0
+        longest = int((computed_h + qlens_h).max()) if B else 0  # tokens of the longest request
+        keys, computed, qlens = (t.to(dev) for t in (rows.keys, computed_h, qlens_h))
+        query_start_loc = rows.query_start_loc.to(dev)
         slots = self.slot_of_key[keys]
-        fresh = computed == 0
-        if any_fresh:  # new, or recomputing after preemption: start afresh
-            stale = slots[fresh]
-            self._release_slots(stale[stale >= 0])
-            self._assign_slots(keys[fresh])
-            slots = self.slot_of_key[keys]
+
+        # the plan's one read: the pools' flags, new rows' stale slots, which decoding rows compact
+        fresh_idx_h, dec_idx_h = fresh_h.nonzero().flatten(), decoding_h.nonzero().flatten()
+        compacting_h = decoding_h & fresh_h
+        if fresh_idx_h.numel() or dec_idx_h.numel():
+            fresh_idx, dec_idx = fresh_idx_h.to(dev), dec_idx_h.to(dev)
+            stale, dense = (slots[fresh_idx] >= 0).long(), self.dense[slots[dec_idx]].long()
+            got = self._read(torch.cat((self._short, stale, dense)), "plan")
+            self._check(got[:4])
+            nf = fresh_idx_h.numel()
+            stale_h, dense_h = got[4 : 4 + nf].bool(), got[4 + nf :].bool()
+            compacting_h[dec_idx_h[dense_h]] = True
+            if bool(stale_h.any()):  # new, or recomputing after preemption: start afresh
+                self._release_slots(slots[fresh_idx_h[stale_h].to(dev)])
+            if nf:
+                self._assign_slots(keys[fresh_idx])
+                slots = self.slot_of_key[keys]
         st = self._settle(slots)
-        dense = self.dense[slots]  # [B]
-        compacting = dense & (qlens == 1) & ~is_prefilling
-        if bool(compacting.any()):  # first decoding step: compact the prompt first
+        if bool(compacting_h.any()):  # first decoding step: compact the prompt first
             self.state[:, slots] = st
-            self._compact(slots[compacting], computed[compacting])
-            st, dense = self.state[:, slots], self.dense[slots]
-        any_dense = bool(dense.any())
+            comp_h = compacting_h.nonzero().flatten()
+            self._compact(slots[comp_h.to(dev)], computed_h[comp_h])
+            st = self.state[:, slots]
+        dense = self.dense[slots]  # [B] (on the host: ~decoding_h)
         npg, base, surv = st[..., NUM_PAGES], st[..., BASE], st[..., SURV]
 
         # this step's logical slots and lengths, per (layer, request, head)
@@ -406,18 +663,14 @@ class PageTable:
             new_logical = base + (in_ring % W)[None, :, None]  # decoding rows: its ring slot
             seq = base + surv + torch.where(leaving, W + 1, in_ring + 1)[None, :, None]
         else:  # the new token itself goes on probation
-            leaving = None
             new_logical = base + surv
             seq = new_logical + 1
-        if any_dense:
-            seq = torch.where(dense[None, :, None], (computed + qlens)[None, :, None], seq)
+        seq = torch.where(dense[None, :, None], (computed + qlens)[None, :, None], seq)
 
-        # pages: allocate what the step needs (compaction already gave back the spare ones)
+        # pages: allocate what the step needs (compaction already gave back the spare ones);
+        # a row grows by at most ceil(query_len / bs) pages (one in a decoding step)
         need = (seq + bs - 1) // bs
-        deficit = (need - npg).clamp_(min=0)
-        total = int(deficit.sum())
-        if total:
-            self._grow(slots, npg, deficit.flatten(), total)
+        self._grow(slots, npg, need, cdiv(qlens_h, bs))
         npg = torch.maximum(npg, need)
 
         # the ring slots the new tokens take, and verdicts for the tokens leaving them
@@ -425,15 +678,22 @@ class PageTable:
             # [L, B, H, 2]: the new token's ring slot (holding the leaving token until this
             # step writes), and the probation slot the leaving token moves to
             page, offset = self._page_of(slots, torch.stack((new_logical, base + W + surv), -1))
-            page = page.long()
-            phys_new = page[..., 0] * bs + offset[..., 0]
-            keep = self._keep(phys_new, slots)
+            phys_new = page[..., 0].long() * bs + offset[..., 0]
+            keep = self._keep(page[..., 0], offset[..., 0], slots)
             pend = torch.where(leaving[None, :, None], PEND_PRUNE - keep.long(), PEND_NONE)
-            num_leaving = int(leaving.sum())  # one device read for both tests
-            if num_leaving:  # all layers' leaving tokens -> their probation slots
-                if num_leaving < B:
-                    page, offset = page[:, leaving], offset[:, leaving]
-                self._move_pairs(page[..., 0], offset[..., 0], page[..., 1], offset[..., 1])
+            # rows with a token leaving: decoding rows past the window (host-side: after their
+            # compaction, in_ring = min(prompt, W) + decoded >= W iff computed >= W)
+            cand_h = decoding_h & (computed_h >= W)
+            if bool(cand_h.any()):  # all layers' leaving tokens -> their probation slots
+                if not bool(cand_h.all()):
+                    cand = cand_h.nonzero().flatten().to(dev)
+                    page, offset, leaving = page[:, cand], offset[:, cand], leaving[cand]
+                go = leaving[None, :, None].expand(page.shape[:3])
+                dst_page = torch.where(go, page[..., 1], self._dump_page)
+                self._move_pairs(
+                    page[..., 0].flatten(), offset[..., 0].flatten(),
+                    dst_page.flatten(), offset[..., 1].flatten(),
+                )  # fmt: skip
         else:
             phys_new = self._phys(slots, new_logical)  # [L, B, H]
             pend = torch.where(dense, PEND_NONE, PEND_SCORE)[None, :, None].expand(L, B, H)
@@ -443,8 +703,7 @@ class PageTable:
         self._report = (keys, held, next_pages, dense)
 
         # writes: (token, head) -> physical slot, in every layer
-        T = num_step_tokens
-        if not any_dense and max_qlen == 1:
+        if max_qlen == 1 and bool(decoding_h.all()):
             write_slots = phys_new.reshape(L, B * H)
         else:
             tok_req = torch.repeat_interleave(torch.arange(B, device=dev), qlens, output_size=T)
@@ -455,8 +714,7 @@ class PageTable:
             write_slots = self._phys(slots[tok_req], logical).flatten(1)
 
         # kernel rows: (request, head), each with its own pages and length
-        num_cols = max(1, int(need.max())) if B else 1
-        block_tables = self.pages[:, slots, :, :num_cols].reshape(L, B * H, num_cols)
+        num_cols = max(1, cdiv(longest, bs))  # bounds every row's pages this step
         perm = None
         if max_qlen == 1:
             row_qsl = self._row_starts[: B * H + 1]
@@ -471,34 +729,64 @@ class PageTable:
         self.num_tokens[slots] = computed + qlens
         return StepPlan(
             num_tokens=T,
-            block_tables=block_tables,
+            block_tables=LayerBlockTables(self, slots, cdiv(num_cols, K)),
             seq_lens=seq.reshape(L, B * H).to(torch.int32),
             row_query_start_loc=row_qsl,
             query_perm=perm,
             write_slots=write_slots,
             max_query_len=max(1, max_qlen),
-            max_seq_len=num_cols * self.block_size,
+            max_seq_len=num_cols * bs,
         )
 
-    def _grow(self, slots, have: torch.Tensor, deficit: torch.Tensor, total: int) -> None:
-        """Append `deficit` fresh pages to each row ([L, B, H] flattened)."""
-        L, B, H = have.shape
-        layer = self._layer_idx.expand(L, B, H).flatten()
-        head = self._head_idx.expand(L, B, H).flatten()
-        slot_f = slots[None, :, None].expand(L, B, H).flatten()
-        rep = torch.repeat_interleave(
-            torch.arange(deficit.numel(), device=self.device), deficit, output_size=total
+    def _entries(self, shape, bound_h: torch.Tensor):
+        """Entries (row, j) for j < bound of each row of rows [L, B, H] (flattened), with a
+        host-side bound per request (bound_h [B]): L H sum(bound_h) entries, in row order."""
+        L, B, H = shape
+        per_row = bound_h.to(self.device)[None, :, None].expand(L, B, H).flatten()
+        total = L * H * int(bound_h.sum())
+        row = torch.repeat_interleave(
+            torch.arange(L * B * H, device=self.device), per_row, output_size=total
         )
-        start = deficit.cumsum(0) - deficit
-        col = have.flatten()[rep] + torch.arange(total, device=self.device) - start[rep]
-        self.pages[layer[rep], slot_f[rep], head[rep], col] = self._alloc(total)
+        j = torch.arange(total, device=self.device) - (per_row.cumsum(0) - per_row)[row]
+        return row, j
+
+    def _grow(self, slots, have: torch.Tensor, need: torch.Tensor, bound_h: torch.Tensor) -> None:
+        """Rows [L, B, H] grow from `have` to `need` pages (no more than `bound_h` [B], host):
+        chunks first, then pages, popped with masks over L H sum(bound) entries."""
+        L, B, H = have.shape
+        K, S = self.chunk, self.max_slots
+        if B == 0:
+            return
+        deficit = (need - have).clamp(min=0)
+        over = deficit - bound_h.to(self.device)[None, :, None]
+        self._short[BOUND] = torch.maximum(self._short[BOUND], over.max())
+        # chunks: columns ceil(have / K) .. ceil(need / K) - 1
+        c_have = cdiv(have, K).flatten()
+        c_deficit = (cdiv(need, K).flatten() - c_have).clamp(min=0)
+        row, j = self._entries((L, B, H), cdiv(bound_h, K))
+        valid = j < c_deficit[row]
+        ids = self._pop(CHUNKS, self.free_chunks, valid)
+        layer, b, head = row // (B * H), (row // H) % B, row % H
+        slot = torch.where(valid, slots[b], S)  # the dump row for the others
+        col = torch.where(valid, c_have[row] + j, 0)
+        self.chunk_table[layer, slot, head, col] = ids
+        # pages: columns have .. need - 1
+        row, j = self._entries((L, B, H), bound_h)
+        valid = j < deficit.flatten()[row]
+        ids = self._pop(PAGES, self.free_pages, valid)
+        layer, b, head = row // (B * H), (row // H) % B, row % H
+        col = (have.flatten()[row] + j).clamp(max=self.max_pages - 1)
+        chunk = self.chunk_table[layer, slots[b], head, col // K]
+        target = torch.where(valid, chunk.long() * K + col % K, 0)  # chunk 0: the dump
+        self.chunks.view(-1)[target] = ids
 
     def write_layer(self, plan: StepPlan, layer_idx: int, key, value, scores, isa: str) -> None:
         """Before the layer's attention: write the step's K/V and scores into their slots (vLLM's
         `cpu_attn_reshape_and_cache` for the transposed layout, an index copy for the plain one;
-        `isa` is the CPU kernel's)."""
+        `isa` is the CPU kernel's). Temporaries: a few [T * H] index tensors."""
         slots = plan.write_slots[layer_idx]
         T, H, D = plan.num_tokens, self.num_heads, self.head_size
+        page, offset = slots // self.block_size, slots % self.block_size
         if self.key_layout == "transposed":
             from vllm import _custom_ops as ops
 
@@ -511,35 +799,44 @@ class PageTable:
                 isa,
             )
         else:
-            page, offset = slots // self.block_size, slots % self.block_size
             self._keys[page, offset] = key[:T].reshape(T * H, D).to(self._keys.dtype)
             self._values[page, offset] = value[:T].reshape(T * H, D).to(self._values.dtype)
-        self.slot_scores[slots] = scores[:T].reshape(-1).float()
+        self.slot_scores[page, offset] = scores[:T].reshape(-1).float()
 
     # ------------------------------------------------------------------ reporting
     def reports(self) -> dict[int, ResidentReport]:
         """Per request of the last step (by key): pages held, most pages its next step may hold
         (a row grows by at most one slot per step; a dense one is compacted first, which frees
-        before it allocates)."""
+        before it allocates). One host read, which also checks the pools' error flags."""
         if self._report is None:
             return {}
-        keys, held, next_pages, dense = (t.tolist() for t in self._report)
+        keys, held, next_pages, dense = self._report
         self._report = None
-        return {k: ResidentReport(*r) for k, *r in zip(keys, held, next_pages, dense)}
+        values = torch.stack((keys, held, next_pages, dense.long())).flatten()
+        got = self._read(torch.cat((self._short, values)), "reports")
+        self._check(got[:4])
+        keys, held, next_pages, dense = got[4:].view(4, -1).tolist()
+        return {
+            k: ResidentReport(h, n, bool(d)) for k, h, n, d in zip(keys, held, next_pages, dense)
+        }
 
     def finished_counts(self, key: int) -> tuple[list[int], int, int] | None:
         """(pruned pairs per layer, peak pages, pages now) of a request, or None if unknown."""
-        slot = int(self.slot_of_key[key]) if 0 <= key < self.slot_of_key.numel() else -1
+        slot = int(self.slot_of_key[key]) if 0 <= key < self.slot_of_key.numel() - 1 else -1
         if slot < 0:
             return None
         slots = torch.tensor([slot], device=self.device)
         if bool(self.dense[slot]):
             # ends in its prompt: count tokens older than the window as judged, as DMS does
-            n = int(self.num_tokens[slot])
-            judged = torch.arange(max(0, n - self.window), device=self.device)
-            phys = self._phys(slots, judged.view(1, 1, 1, -1))
-            keep = self._prompt_keep(phys, slots, torch.tensor([judged.numel()], device=self.device))
-            pruned = (~keep).sum((1, 2, 3))
+            n = max(0, int(self.num_tokens[slot]) - self.window)
+            pruned = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
+            lengths = torch.tensor([n])
+            for (l0, l1), _ in (self._pieces(lengths) if n else ()):
+                layers = torch.arange(l0, l1, device=self.device)
+                positions = torch.arange(n, device=self.device).view(1, 1, 1, -1)
+                page, offset = self._page_of(slots, positions, layers)
+                keep = self._prompt_keep(page, offset, slots, lengths.to(self.device))
+                pruned[l0:l1] = (~keep).sum((1, 2, 3))
         else:
             self.state[:, slots] = self._settle(slots)
             pruned = self.pruned[:, slot].sum(-1)
