@@ -13,12 +13,14 @@ For a machine with an NVIDIA GPU and no vLLM (imports only ``vllm_kvzap.kernels`
   (to revise ``_launch_config``); and the cost of 36 layers' scoring in one decode step at batch
   64 (one CUDA graph, every layer its own weights, so w1 comes from memory as in a real step) as
   a share of a plain Qwen3-8B decode step, estimated from the H100's memory bandwidth;
-- page table (the CUDA path's page state, plain key layout): a batch of requests through a dense
-  prompt step and decoding steps (compaction, window, probation, page allocation), every layer's
-  K/V and scores written; on CUDA and on CPU from the same inputs, and every step's plan (block
-  tables, lengths, write slots) and the final pages, state and KV contents must be equal; then, at
-  Qwen3-8B's shape (36 layers, 8 KV heads of 128, pages of 16) on CUDA only, the time of a decoding
-  step's plan and of one layer's writes, per batch size.
+- page table (the CUDA path's page state, plain key layout, cells of K, V and score as
+  `page_cell`): a batch of requests through a dense prompt step and decoding steps (compaction,
+  window, probation, page allocation), every layer's K/V and scores written; on CUDA and on CPU
+  from the same inputs, and every step's plan (each layer's block tables up to its rows' lengths,
+  lengths, write slots) and the final page state (rows' state, held page ids and their cells, free
+  pages) must be equal; then, at Qwen3-8B's shape (36 layers, 8 KV heads of 128, pages of 16) on
+  CUDA only, the time of a decoding step's plan, of one layer's writes and of one layer's block
+  table gather, per batch size.
 Exits at once with a message when no GPU is visible.
 """
 
@@ -128,21 +130,58 @@ def decode_share(kind: str, gen: torch.Generator) -> dict:
                 share_weights_only=ms / weights_ms, share_with_kv=ms / (weights_ms + kv_ms))  # fmt: skip
 
 
+PT_SHAPE = dict(L=4, H=3, D=64, bs=16, prompt_lens=[5, 40, 130, 257], steps=40, window=16, seed=0)
+
+
+def sync(device) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def plan_fields(plan, tables: list[torch.Tensor], bs: int) -> dict[str, torch.Tensor]:
+    """A step's plan on the host. Block-table columns past a row's resident slots hold ids the
+    kernel never reads (stale, or the dump chunk's): -1 here."""
+    out = {f: getattr(plan, f).cpu() for f in ("seq_lens", "row_query_start_loc", "write_slots")}
+    out["sizes"] = torch.tensor([plan.num_tokens, plan.max_query_len, plan.max_seq_len])
+    if plan.query_perm is not None:
+        out["query_perm"] = plan.query_perm.cpu()
+    for layer, bt in enumerate(tables):
+        bt = bt.cpu()
+        used = torch.arange(bt.shape[1]) < (out["seq_lens"][layer, :, None] + bs - 1) // bs
+        out[f"block_tables[{layer}]"] = torch.where(used, bt, -1)
+    return out
+
+
+def page_state(table) -> dict[str, torch.Tensor]:
+    """The final page state on the host: the rows' state (not the dump row's), the pages they
+    hold with their K/V and scores (the cells' bits), and the free-page stack's live part."""
+    held = table.held_page_ids().long()
+    return {
+        "state": table.state[:, : table.max_slots].cpu(),
+        "held_page_ids": held.cpu(),
+        "held_pages": table.kv_pages[held].view(torch.int16).cpu(),
+        "slot_scores": table.slot_scores[held].cpu(),
+        "free_pages": table.free_pages[: table.num_free].cpu(),
+    }
+
+
 def drive_table(device, L, H, D, bs, prompt_lens, steps, window, seed, time_steps=False):
     """Requests through one dense prompt step and `steps` decoding steps on a fresh page table;
-    returns the plans (on CPU), the final table, and (time_steps) the decoding steps' plan and
-    per-layer write times in ms."""
-    from vllm_kvzap.cache.page_table import PageTable, StepRows
+    returns the plans (`plan_fields`), the final table, and (time_steps) the decoding steps'
+    plan, per-layer write and per-layer block-table gather times in ms."""
+    from vllm_kvzap.cache.page_table import PageTable, StepRows, page_cell
 
     g = torch.Generator().manual_seed(seed)
     B = len(prompt_lens)
     longest = max(prompt_lens) + steps + 1
     num_blocks = 2 + sum(-(-(n + steps + 1) // bs) for n in prompt_lens)
-    buf = torch.zeros(L, num_blocks, H, bs, 2 * D, dtype=torch.bfloat16, device=device)
+    # cells of K, V and the score, all layers in one buffer (as KVzapAttentionSpec allocates)
+    cell = page_cell(D, torch.bfloat16)
+    buf = torch.zeros(L, num_blocks, H, bs, cell, dtype=torch.bfloat16, device=device)
     table = PageTable([buf[i] for i in range(L)], window, 0.0, B, longest, key_layout="plain")
     keys = torch.arange(1, B + 1)
     computed = torch.zeros(B, dtype=torch.int64)
-    plans, plan_ms, write_ms = [], [], []
+    plans, plan_ms, write_ms, gather_ms = [], [], [], []
     for step in range(steps + 1):
         qlens = torch.tensor(prompt_lens) if step == 0 else torch.ones(B, dtype=torch.int64)
         qsl = torch.zeros(B + 1, dtype=torch.int64)
@@ -153,55 +192,67 @@ def drive_table(device, L, H, D, bs, prompt_lens, steps, window, seed, time_step
         inputs = [(torch.randn(T, H, D, generator=g).to(device, torch.bfloat16),
                    torch.randn(T, H, D, generator=g).to(device, torch.bfloat16),
                    torch.randn(T, H, generator=g).to(device)) for _ in range(L)]  # fmt: skip
-        if device != "cpu":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         plan = table.plan(rows)
-        if device != "cpu":
-            torch.cuda.synchronize()
+        sync(device)
         t1 = time.perf_counter()
         for layer, (k, v, scores) in enumerate(inputs):
             table.write_layer(plan, layer, k, v, scores, None)
-        if device != "cpu":
-            torch.cuda.synchronize()
+        sync(device)
+        t2 = time.perf_counter()
+        # gathered now: they read the directory as it is (the next plan changes it)
+        tables = [plan.block_tables[layer] for layer in range(L)]
+        sync(device)
         if step > 1:  # decoding steps after the compaction
             plan_ms.append(1000 * (t1 - t0))
-            write_ms.append(1000 * (time.perf_counter() - t1) / L)
+            write_ms.append(1000 * (t2 - t1) / L)
+            gather_ms.append(1000 * (time.perf_counter() - t2) / L)
         if not time_steps:
-            fields = ("block_tables", "seq_lens", "row_query_start_loc", "write_slots")
-            plans.append({f: getattr(plan, f).cpu() for f in fields})
+            plans.append(plan_fields(plan, tables, bs))
+        del tables
         computed += qlens
-    return plans, table, plan_ms, write_ms
+    return plans, table, (plan_ms, write_ms, gather_ms)
+
+
+def compare_page_tables(devices=("cuda", "cpu"), shape=PT_SHAPE) -> list[str]:
+    """What differs between the page table driven on devices[0] and on devices[1] from the same
+    inputs: every step's plan, then the final page state."""
+    (plans_a, table_a, _), (plans_b, table_b, _) = (drive_table(d, **shape) for d in devices)
+    mismatches = [] if len(plans_a) == len(plans_b) else ["number of steps"]
+    for i, (a, b) in enumerate(zip(plans_a, plans_b)):
+        mismatches += [f"step {i} {f}" for f in a.keys() | b.keys()
+                       if f not in a or f not in b or not torch.equal(a[f], b[f])]  # fmt: skip
+    state_a, state_b = page_state(table_a), page_state(table_b)
+    mismatches += [f"final {k}" for k in state_a if not torch.equal(state_a[k], state_b[k])]
+    return sorted(mismatches)
 
 
 def check_page_table() -> dict:
     """The CUDA page table equals the CPU one step by step; then timings at Qwen3-8B's shape."""
-    shape = dict(L=4, H=3, D=64, bs=16, prompt_lens=[5, 40, 130, 257], steps=40, window=16, seed=0)
-    cpu_plans, cpu_table, _, _ = drive_table("cpu", **shape)
-    gpu_plans, gpu_table, _, _ = drive_table("cuda", **shape)
-    mismatches = [
-        f"step {i} {f}" for i, (a, b) in enumerate(zip(cpu_plans, gpu_plans))
-        for f in a if not torch.equal(a[f], b[f])
-    ]  # fmt: skip
-    for name in ("pages", "state", "slot_scores", "kv_pages", "free_pages"):
-        if not torch.equal(getattr(cpu_table, name), getattr(gpu_table, name).cpu()):
-            mismatches.append(f"final {name}")
+    mismatches = compare_page_tables()
     timings = []
     for batch in (16, 64, 256):
-        _, _, plan_ms, write_ms = drive_table(
+        _, _, (plan_ms, write_ms, gather_ms) = drive_table(
             "cuda", L=36, H=8, D=128, bs=16, prompt_lens=[512] * batch, steps=12, window=128,
             seed=1, time_steps=True,
         )  # fmt: skip
         med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-        timings.append(dict(batch=batch, plan_ms=med(plan_ms), write_ms_per_layer=med(write_ms)))
-    return dict(equal_to_cpu=not mismatches, mismatches=mismatches[:20], shape=shape,
+        timings.append(dict(batch=batch, plan_ms=med(plan_ms), write_ms_per_layer=med(write_ms),
+                            block_table_ms_per_layer=med(gather_ms)))  # fmt: skip
+    return dict(equal_to_cpu=not mismatches, mismatches=mismatches[:20], shape=PT_SHAPE,
                 qwen3_8b_decode_step=timings)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_kernels.json"))
+    ap.add_argument("--self-check-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.self_check_cpu:  # the page-table comparison, CPU against CPU: no GPU needed
+        mismatches = compare_page_tables(("cpu", "cpu"))
+        print(f"page table on CPU equals CPU: {not mismatches} {mismatches[:20] or ''}")
+        return 1 if mismatches else 0
     if not torch.cuda.is_available():
         raise SystemExit("gpu_kernel_check needs an NVIDIA GPU (torch.cuda.is_available() is False)")
     gen = torch.Generator().manual_seed(0)
@@ -235,9 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Triton scores within {MAX_SCORE_DIFF} of the twin: {scores_ok}")
     pages = check_page_table()
     print(f"\npage table on CUDA equals CPU: {pages['equal_to_cpu']} {pages['mismatches'] or ''}")
-    print("Qwen3-8B shape, one decoding step: batch, plan ms, writes ms per layer")
+    print("Qwen3-8B shape, one decoding step: batch, plan ms, per layer: writes ms, block table ms")
     for t in pages["qwen3_8b_decode_step"]:
-        print(f"  {t['batch']:>5} {t['plan_ms']:8.3f} {t['write_ms_per_layer']:8.3f}")
+        print(f"  {t['batch']:>5} {t['plan_ms']:8.3f} {t['write_ms_per_layer']:8.3f} "
+              f"{t['block_table_ms_per_layer']:8.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                     "rows": rows, "tile_sweep": sweep, "decode_share": shares,
