@@ -1,8 +1,8 @@
 """The CUDA path, on this CPU machine: its backend end to end in vLLM's engine, its scoring op, and
 how `engine_setup` chooses (or refuses) attention backends on a CUDA platform.
 
-- The engine test runs vLLM's CPU engine with `attention/cuda_backend.py`'s backend in place of the
-  CPU one (`tests/cuda_path_engine.py`): page state in the plain layout, vLLM's Triton
+- The engine test runs vLLM's CPU engine (Model Runner V1) with `attention/cuda_backend.py`'s
+  backend in place of the CPU one (`tests/engine_harness.py`): page state in the plain layout, vLLM's Triton
   `unified_attention` under `TRITON_INTERPRET=1`, chunked prefill (prompt chunks and decode rows in
   one step). Greedy tokens, log-probs and per-layer pruned pairs must equal the plain-torch DMS
   reference, as the CPU backend's do (`test_engine_offline.py`).
@@ -13,17 +13,12 @@ how `engine_setup` chooses (or refuses) attention backends on a CUDA platform.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 from vllm.config.attention import AttentionConfig
 from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-from tests.interpreter import REPO_ROOT, run_in_triton_interpreter
+from tests.interpreter import run_in_triton_interpreter
 from tests.test_engine_offline import MAX_TOKENS, WINDOW, check_against_reference, prompts
 from vllm_kvzap.config import KVPruningConfig, KVPruningConfigError
 from vllm_kvzap.engine_setup import prepare_engine_args
@@ -31,30 +26,19 @@ from vllm_kvzap.engine_setup import prepare_engine_args
 
 @pytest.fixture(scope="module")
 def cuda_path_run(tiny_model_dir, tmp_path_factory):
+    """The CUDA backend under Model Runner V1 (V2's runs are in `test_model_runners.py`)."""
+    from tests.test_model_runners import engine_spec, run_harness
+
     tmp = tmp_path_factory.mktemp("cuda_path")
-    spec = {
-        "model": str(tiny_model_dir["model"]),
-        "prompts": prompts(),
-        "max_tokens": MAX_TOKENS,
-        "pruning": {"method": "kvzap-mlp", "threshold": -4, "window": WINDOW,
-                    "surrogate": str(tiny_model_dir["mlp"]),
-                    "stats_path": str(tmp / "stats.jsonl")},  # fmt: skip
-        # 32-token steps: the 40- and 150-token prompts are prefilled in chunks, beside decodes
-        "engine": {"max_model_len": 1024, "kv_cache_memory_bytes": 64 * 2**20,
-                   "enable_chunked_prefill": True, "max_num_batched_tokens": 32,
-                   "max_num_seqs": 4},  # fmt: skip
-    }
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.cuda_path_engine", str(tmp / "spec.json"), str(tmp / "out.json")],
-        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-4000:]
-    return json.loads((tmp / "out.json").read_text())
+    pruning = {"method": "kvzap-mlp", "threshold": -4, "window": WINDOW,
+               "surrogate": str(tiny_model_dir["mlp"])}  # fmt: skip
+    spec = engine_spec(tiny_model_dir, tmp, "v1", "cuda", pruning, kv_cache_memory_bytes=64 * 2**20)
+    spec.update(prompts=prompts(), max_tokens=MAX_TOKENS)
+    return run_harness(spec, tmp)
 
 
 def test_cuda_path_engine_equals_reference(cuda_path_run, tiny_model_dir):
+    assert cuda_path_run["runner_module"] == "vllm.v1.worker.cpu_model_runner"  # V1
     assert cuda_path_run["key_layout"] == "plain"  # the CUDA path's page table really ran
     fractions = check_against_reference(cuda_path_run, tiny_model_dir, "mlp")
     assert max(fractions) > 0.2  # pruning really happened

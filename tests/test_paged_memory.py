@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+from tests.engine_harness import drain
 from tests.reference_dms import dms_generate
 
 WINDOW = 16
@@ -27,15 +28,6 @@ PROMPT_LENS = (20, 70, 200, 333)
 def prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(10, 900, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
-def drain(llm) -> None:
-    """Run engine steps until finished requests have been reported and released."""
-    core = llm.llm_engine.engine_core.engine_core
-    for _ in range(4):
-        if not core.scheduler.has_requests():
-            break
-        core.step()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +73,7 @@ def live_requests(pages) -> int:
     return int((pages.key_of_slot >= 0).sum())
 
 
-def expected_end_pages(ref: dict, prompt_len: int) -> int:
+def expected_end_pages(ref: dict, window: int = WINDOW, block_size: int = BLOCK_SIZE) -> int:
     """Pages a finished request holds, from the reference's masks and the page layout rule:
     each (layer, head) row holds exactly the pairs its last step's query saw (the window, the
     token leaving it, the kept older ones), in ceil(that / block_size) pages."""
@@ -90,8 +82,8 @@ def expected_end_pages(ref: dict, prompt_len: int) -> int:
     positions = torch.arange(n)
     total = 0
     for mask in ref["pruned_mask"]:  # [H, n] per layer, True = pruned
-        seen = (positions >= last - WINDOW) | ~mask
-        total += int((-(-seen.sum(dim=1) // BLOCK_SIZE)).sum())
+        seen = (positions >= last - window) | ~mask
+        total += int((-(-seen.sum(dim=1) // block_size)).sum())
     return total
 
 
@@ -133,7 +125,7 @@ def test_resident_pages_follow_what_is_kept(run, tiny_model_dir):
         ref = dms_generate(tiny_model_dir["model"], tiny_model_dir["mlp"], prompt, MAX_TOKENS,
                            -4.0, WINDOW)  # fmt: skip
         stats = run["stats"][out.request_id]
-        assert stats["resident_kv_pages_end"] == expected_end_pages(ref, len(prompt))
+        assert stats["resident_kv_pages_end"] == expected_end_pages(ref)
         assert stats["resident_kv_pages_end"] <= stats["resident_kv_pages_peak"]
     longest = run["stats"][run["outs"][-1].request_id]
     # the 333-token prompt: far less than the dense pages plain vLLM would hold

@@ -39,6 +39,7 @@ class KVzapConnectorMetadata(KVConnectorMetadata):
     finished: list[FinishedRequest] = field(default_factory=list)
     freed_keys: list[int] = field(default_factory=list)  # paged mode: finished or preempted
     block_size: int = 0
+    num_scheduled_tokens: int = 0  # 0: no forward pass in this step
     # paged mode: request key -> its own threshold (ratio in ratio mode), for requests that start
     # (or restart after a preemption) in this step
     request_values: dict[int, float] = field(default_factory=dict)
@@ -122,9 +123,16 @@ class KVzapPruningConnector(KVConnectorBase_V1):
             pages.release_keys(connector_metadata.freed_keys)
             pages.set_request_values(connector_metadata.request_values)
             # plan the step the metadata builder just described (once: the layers reuse it)
-            rows, runtime.next_rows = runtime.next_rows, None
-            if rows is not None:
-                pages.plan(rows)
+            runtime.bind_step(connector_metadata.num_scheduled_tokens)
+
+    def clear_connector_metadata(self) -> None:
+        """After the step's forward pass: its plan is spent."""
+        super().clear_connector_metadata()
+        from vllm_kvzap.attention.runtime import get_runtime
+
+        runtime = get_runtime()
+        if runtime is not None:
+            runtime.bound = None
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         from vllm_kvzap.attention.runtime import get_runtime
@@ -167,14 +175,19 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         if self.pruning.paged and self._manager is None:
             raise RuntimeError("kv_pruning paged mode: the KVzap block manager is not in use")
 
-    def _page_bytes(self) -> int:
+    def _page_bytes(self, dense: bool = False) -> int:
+        """Bytes of one (layer, block, KV head) page: as the plugin holds it (K, V and scores), or
+        as plain vLLM would (`dense`: K and V only)."""
         spec = self._kv_cache_config.kv_cache_groups[0].kv_cache_spec
-        return spec.page_size_bytes // spec.num_kv_heads
+        size = spec.dense_page_size_bytes if dense else spec.page_size_bytes
+        return size // spec.num_kv_heads
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         block_size = self._kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         freed = [key for _, key in self._manager.take_freed()] if self._manager else []
-        meta = KVzapConnectorMetadata(self._finished, freed, block_size)
+        meta = KVzapConnectorMetadata(
+            self._finished, freed, block_size, scheduler_output.total_num_scheduled_tokens
+        )
         self._finished = []
         if self.pruning.paged:
             meta.request_values = self._starting_request_values(scheduler_output)
@@ -239,7 +252,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                     dense_kv_pages=dense_pages,
                     resident_kv_bytes_peak=c.peak_pages * page_bytes,
                     resident_kv_bytes_end=c.end_pages * page_bytes,
-                    dense_kv_bytes=dense_pages * page_bytes,
+                    dense_kv_bytes=dense_pages * self._page_bytes(dense=True),
                 )
             self._recorder.record(stats, self.num_kv_heads, c.request.value)
             self._counters["finished_requests"] += 1
@@ -254,8 +267,9 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         data, self._counters = self._counters, dict.fromkeys(COUNTERS, 0)
         if self._manager is not None:
             held, dense = self._manager.block_usage()
-            block_bytes = self._page_bytes() * self._manager.pages_per_block
-            data.update(resident_kv_bytes=held * block_bytes, dense_kv_bytes=dense * block_bytes)
+            per_block = self._manager.pages_per_block
+            data.update(resident_kv_bytes=held * self._page_bytes() * per_block,
+                        dense_kv_bytes=dense * self._page_bytes(dense=True) * per_block)  # fmt: skip
         return KVzapConnectorStats(data=data)
 
     @classmethod

@@ -5,8 +5,8 @@ come from the scoring hook (`runtime.py`), and:
 - paged mode (default): the metadata builder records each request's key (first block id), computed
   tokens, query length and prefill state (`StepRows`); the page table plans the step
   (`cache/page_table.py`) when the KV connector binds it, after releasing finished and preempted
-  requests and before the forward pass (or, failing that, at the first layer's attention), and
-  every layer then writes its K/V and scores
+  requests and before the forward pass (forwards that are not scheduled steps are never bound
+  and touch no pages: `runtime.bind_step`), and every layer then writes its K/V and scores
   into the rows' pages and attends in vLLM's own CPU kernel, one row per (request, KV head)
   (`rows.py`). The backend's `customize_spec` selects the plugin's block manager (`cache/`).
   vLLM's AMX page packing is not supported: with pruning the `vec` layout is used instead.
@@ -83,7 +83,7 @@ class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             # the kernel's own metadata is built per layer from the rows (`rows.py`)
             runtime = get_runtime()
             if runtime is not None:
-                runtime.next_rows = rows  # planned when the connector binds the step (below)
+                runtime.next_rows = rows  # planned if the connector binds the step
             return KVzapCPUAttentionMetadata(
                 num_actual_tokens=cm.num_actual_tokens,
                 max_query_len=cm.max_query_len,
@@ -96,6 +96,8 @@ class KVzapCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 rows=rows,
             )
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if rows is None:  # not a scheduled step: vLLM's own attention, nothing hidden
+            return meta
         fields = {f: getattr(meta, f) for f in CPUAttentionMetadata.__dataclass_fields__}
         judged_upto = (rows.num_computed - self.pruning.window).clamp(min=0)
         judged_upto[rows.is_prefilling] = 0
@@ -137,7 +139,7 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         output_scale=None,
         output_block_scale=None,
     ):
-        if attn_metadata is None or not prunes(self):
+        if attn_metadata is None or not prunes(self) or type(attn_metadata) is CPUAttentionMetadata:
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale, output_block_scale,

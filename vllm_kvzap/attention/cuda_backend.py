@@ -71,7 +71,7 @@ class KVzapTritonAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
         rows = step_rows(common_attn_metadata)
         runtime = get_runtime()
         if runtime is not None:
-            runtime.next_rows = rows  # planned when the connector binds the step
+            runtime.next_rows = rows  # planned if the connector binds the step
         fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
         return KVzapTritonAttentionMetadata(**fields, rows=rows)
 

@@ -2,11 +2,12 @@
 spec, the step's rows, one layer's paged forward, and the model features pruning refuses.
 
 Place in the data flow: a backend's metadata builder turns vLLM's `CommonAttentionMetadata` into
-`StepRows` (`step_rows`), which the KV connector hands to the page table to plan before the
-forward pass (`cache/page_table.py`); each decoder layer's `forward` then runs `paged_forward`:
-the plan (made once per step), the layer's scores from the scoring op (`runtime.py`), its K/V and
+`StepRows` (`step_rows`); when the KV connector binds the step, the runtime has the page table
+plan them (`runtime.bind_step`, `cache/page_table.py`); each decoder layer's `forward` then runs
+`paged_forward`: the bound plan, the layer's scores from the scoring op (`runtime.py`), its K/V and
 scores written into the rows' pages, and attention over the rows in the backend's kernel
-(`rows.attend_layer` on CPU, `triton_rows.attend_layer_triton` on CUDA).
+(`rows.attend_layer` on CPU, `triton_rows.attend_layer_triton` on CUDA). Forwards that vLLM runs
+outside scheduled steps find no bound plan and leave the page state alone.
 """
 
 from __future__ import annotations
@@ -57,14 +58,16 @@ def paged_spec(spec):
     return spec
 
 
-def step_rows(cm: CommonAttentionMetadata) -> StepRows:
+def step_rows(cm: CommonAttentionMetadata) -> StepRows | None:
     """The step's requests from vLLM's metadata: sizes from its host copies (no device sync),
-    keys (first block ids) from its block table, on the device."""
+    keys (first block ids) from its block table, on the device. None where the metadata lacks the
+    prefill flags, which only forwards that are not scheduled steps may do (`runtime.bind_step`
+    refuses a scheduled step without rows)."""
+    if cm.is_prefilling is None:
+        return None
     num_reqs = cm.num_reqs
     qsl = cm.query_start_loc_cpu[: num_reqs + 1].long()
     query_lens = qsl[1:] - qsl[:-1]
-    if cm.is_prefilling is None:
-        raise RuntimeError("kv_pruning needs is_prefilling in the attention metadata")
     # exact without speculative decoding, which pruning refuses (`engine_setup.py`)
     seq_lens = cm.seq_lens_cpu_upper_bound
     seq_lens = cm.seq_lens.cpu() if seq_lens is None else seq_lens
@@ -105,10 +108,14 @@ def paged_forward(
     isa: str | None = None,
 ) -> torch.Tensor:
     """One decoder layer in paged mode; `attend(table, plan, layer, query, out)` is the
-    backend's kernel call over the rows."""
+    backend's kernel call over the rows. A forward that is not a scheduled step (no bound plan:
+    profile runs, memory estimates, warm-up, CUDA-graph capture) writes nothing and attends to
+    nothing: its output is zero and the page state stays as it was."""
     runtime = get_runtime()
+    plan = runtime.bound_plan(rows)
+    if plan is None:
+        return output.zero_()
     table = runtime.pages
-    plan = table.plan(rows)
     scores = runtime.layer_scores(layer_idx, key[:num_tokens])
     table.write_layer(plan, layer_idx, key, value, scores, isa)
     attend(table, plan, layer_idx, query, output[:num_tokens].view(num_tokens, num_heads, head_size))

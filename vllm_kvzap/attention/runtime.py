@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vllm_kvzap.cache.page_table import PageTable, allocate_directory
+from vllm_kvzap.cache.page_table import PageTable, StepPlan, StepRows, allocate_directory
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.scorers import Surrogate, load_surrogate
 from vllm_kvzap.scorers.baselines import knorm_scores, random_scores, window_scores
@@ -62,7 +62,10 @@ class PruningRuntime:
             self.directory = allocate_directory(
                 num_layers, max_num_seqs, num_kv_heads, max_model_len, block_size, device
             )
-        self.next_rows = None  # paged mode: the step's rows, from the metadata builder
+        # paged mode: the rows the metadata builder described last, and the (rows, plan) of the
+        # step the KV connector bound (`bind_step`)
+        self.next_rows: StepRows | None = None
+        self.bound: tuple[StepRows, StepPlan] | None = None
 
     def setup_paged(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.model_executor.models.utils import extract_layer_index
@@ -81,6 +84,33 @@ class PruningRuntime:
             directory=self.directory,
         )
         self.directory = None  # the table owns it now
+
+    def bind_step(self, num_scheduled_tokens: int) -> None:
+        """The KV connector binds a scheduled step (after vLLM built its attention metadata, before
+        the forward pass): plan the rows the metadata builder described for it.
+
+        This is how a backend tells a scheduled step from every other forward: vLLM runs the model
+        on batches that are not scheduled steps (V2's memory profile and CUDA-graph memory estimate,
+        JIT warm-up with fake requests, CUDA-graph capture, V1's dummy runs), always with the KV
+        connector disabled or not called, so their rows are never bound and `bound_plan` gives
+        them no plan: they leave the page table, slots, free pages and statistics alone."""
+        rows, self.next_rows = self.next_rows, None
+        if not num_scheduled_tokens:  # no forward in this step (the rows, if any, are stale)
+            self.bound = None
+            return
+        if rows is None:
+            raise RuntimeError(
+                f"kv_pruning: a step of {num_scheduled_tokens} tokens was bound, but the attention "
+                "metadata builder described no rows for it"
+            )
+        self.bound = (rows, self.pages.plan(rows))
+
+    def bound_plan(self, rows: StepRows | None) -> StepPlan | None:
+        """The plan of the scheduled step whose metadata holds `rows`, or None for a forward that
+        is not a scheduled step (see `bind_step`)."""
+        if rows is not None and self.bound is not None and self.bound[0] is rows:
+            return self.bound[1]
+        return None
 
     def graph_scores(
         self, layer_idx: int, hidden_states: torch.Tensor, positions: torch.Tensor
@@ -180,7 +210,11 @@ def install_runtime(model: nn.Module, vllm_config, config: KVPruningConfig) -> P
             f"{type(model).__name__}; this model architecture is not supported"
         )
     device = next(model.parameters()).device
-    surrogate = load_surrogate(config.surrogate).to(device) if config.uses_surrogate else None
+    surrogate = None
+    if config.uses_surrogate:
+        # on CUDA the Triton kernel multiplies in the model's dtype: cast w1 once, before compile
+        dtype = vllm_config.model_config.dtype if device.type == "cuda" else None
+        surrogate = load_surrogate(config.surrogate).to(device, dtype)
     num_kv_heads = vllm_config.model_config.get_total_num_kv_heads()
     scheduler_config = vllm_config.scheduler_config
     runtime = PruningRuntime(

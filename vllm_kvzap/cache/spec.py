@@ -28,6 +28,11 @@ class KVzapAttentionSpec(FullAttentionSpec):
         """Bytes per (head, slot) cell: key, value, and the pair's score."""
         return super().state_content_size_bytes + SCORE_BYTES
 
+    @property
+    def dense_page_size_bytes(self) -> int:
+        """Bytes of plain vLLM's page of the same shape (no scores), for the statistics."""
+        return self.num_heads * self.num_states * super().state_content_size_bytes
+
 
 def register_spec() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
