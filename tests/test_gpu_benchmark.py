@@ -108,3 +108,36 @@ def test_benchmark_flow_on_the_tiny_model(tiny_model_dir, tmp_path):
     print_table([plain, *plugin])  # the report's table and plot take these results
     plot([plain, *plugin], tmp_path / "gpu_benchmark.png", "tiny")
     assert (tmp_path / "gpu_benchmark.png").stat().st_size > 0
+
+
+def test_smoke_agreement_tolerates_near_ties_only():
+    from benchmarks.gpu_smoke import agreement
+
+    plain = [dict(tokens=[1, 2, 3], top=[{1: -0.1, 9: -2.5}, {2: -0.60, 8: -0.70}, {3: -0.2, 7: -3.0}])]
+    flipped_at_tie = [dict(tokens=[1, 8, 4], top=[{1: -0.12}, {8: -0.6}, {4: -0.1}])]
+    flipped_clear = [dict(tokens=[9, 2, 3], top=[{9: -0.1}, {2: -0.6}, {3: -0.2}])]
+    drifted = [dict(tokens=[1, 2, 3], top=[{1: -0.5}, {2: -0.6}, {3: -0.2}])]
+    assert agreement(plain, plain, 0.2, 0.1)["ok"]
+    ok = agreement(plain, flipped_at_tie, 0.2, 0.1)
+    assert ok["ok"] and ok["identical"] == 0 and ok["max_logprob_diff"] == pytest.approx(0.02)
+    assert not agreement(plain, flipped_clear, 0.2, 0.1)["ok"]  # a 2.4-nat gap does not flip
+    assert not agreement(plain, drifted, 0.2, 0.1)["ok"]  # log-probs off by 0.4
+
+
+def test_smoke_flow_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """The GPU smoke check's flow, on this CPU with the test model (vLLM's CPU defaults): plain
+    vLLM, then the plugin at -inf (must agree with it) and at a calibrated threshold (pruning
+    active), and the worker's pools back at their full counts."""
+    from benchmarks.gpu_smoke import check_smoke, verdict_line
+    from benchmarks.throughput_benchmark import make_prompts
+
+    engine = dict(model=str(tiny_model_dir["model"]), dtype="float32", max_model_len=256,
+                  kv_cache_memory_bytes=64 * 2**20, seed=0, skip_tokenizer_init=True)  # fmt: skip
+    grid = [-12.0, -8.0, -6.0, -5.0, -4.5, -4.0, -3.5, -3.0, -2.0]
+    report = check_smoke(engine, str(tiny_model_dir["mlp"]), make_prompts(6, 100, seed=0), 24,
+                         tmp_path / "stats.jsonl", grid=grid, target=0.5, window=16)  # fmt: skip
+    assert report["passed"], report["checks"]
+    assert report["agreement_at_inf"]["identical"] == 6  # fp32 on CPU: token for token
+    assert report["pruned_fraction"] == pytest.approx(0.5, abs=0.15)
+    line = verdict_line(report)
+    assert line.startswith("SMOKE PASS") and "Model Runner V1" in line  # vLLM's CPU default
