@@ -14,7 +14,9 @@ own process (`tests/engine_harness.py`): V2 with its Triton kernels and the CUDA
   (`reference_dms.py`), with chunked prefill, also for a request with its own threshold; each
   request holds at its end exactly the pages the reference's masks imply;
 - a KV-bound batch (preemptions) and aborted requests: every request completes, and the pools
-  return to their initial counts;
+  return to their initial counts (with the CPU backend; the CUDA backend's interpreted attention
+  makes that batch too slow here: the page table's plain layout under preemption is covered by
+  `test_page_table.py`);
 - ratio mode (kvpress's AdaKV) under V2: tokens and pruned pairs equal the reference.
 """
 
@@ -79,8 +81,9 @@ def v2_run(request, tiny_model_dir, tmp_path_factory):
         values=[None, None, None, OWN_THRESHOLD],
         max_tokens=MAX_TOKENS,
         non_scheduled=True,
-        pressure=PRESSURE,
     )
+    if request.param == "cpu":  # the interpreted attention of the CUDA backend costs ~1 s a step
+        spec["pressure"] = PRESSURE
     out = run_harness(spec, tmp)
     out["backend"] = request.param
     return out
@@ -125,7 +128,14 @@ def test_v2_resident_pages_follow_what_is_kept(v2_run, tiny_model_dir):
         assert result["stats"]["resident_kv_pages_end"] == want
 
 
+def test_v2_pools_return_to_their_initial_counts(v2_run):
+    start = v2_run["pools_start"]
+    assert v2_run["pools_end"] == start and start["live_requests"] == 0
+
+
 def test_v2_preemptions_and_aborts_free_everything(v2_run):
+    if v2_run["backend"] == "cuda":
+        pytest.skip("run with the CPU backend only: the CUDA backend's interpreted attention is slow")
     pressure = v2_run["pressure"]
     assert pressure["completed"] == [PRESSURE["max_tokens"]] * len(PRESSURE["values"])
     assert pressure["preemptions"] > 0, "the batch was meant to preempt; shrink the budget"
