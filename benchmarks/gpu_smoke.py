@@ -63,10 +63,11 @@ def worker_state(worker) -> dict:
     runtime = get_runtime()
     pages = runtime.pages if runtime is not None else None
     if pages is not None:
+        slots = slice(0, pages.max_slots)  # the table's last slot is a dump for masked writes
         state.update(
-            free_pages=pages.num_free, held_pages=int(pages.num_pages.sum()),
+            free_pages=pages.num_free, held_pages=int(pages.num_pages[:, slots].sum()),
             capacity=pages.capacity, free_slots=pages.num_free_slots, max_slots=pages.max_slots,
-            live=int((pages.key_of_slot[: pages.max_slots] >= 0).sum()),
+            live=int((pages.key_of_slot[slots] >= 0).sum()),
         )  # fmt: skip
     return state
 
