@@ -59,10 +59,11 @@ def _prepare_process(spec: dict) -> None:
         register_backend(AttentionBackendEnum.CUSTOM, path)  # the backend's own name
 
 
-def page_state(llm) -> dict:
+def page_state(llm, stats_path: str) -> dict:
     """Everything the page table holds (tensors cloned), the block pool's free count and the
     statistics lines written so far."""
     import torch
+    from pathlib import Path
 
     from vllm_kvzap.attention.runtime import get_runtime
 
@@ -74,6 +75,8 @@ def page_state(llm) -> dict:
         "tensors": tensors,
         "scalars": scalars,
         "free_blocks": core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
+        "stats_lines": len(Path(stats_path).read_text().splitlines())
+        if Path(stats_path).exists() else 0,
     }
 
 
@@ -100,8 +103,7 @@ def diff_states(before: dict, after: dict) -> list[str]:
         and not (v.is_floating_point() and torch.allclose(v, after["tensors"][k], 0, 0, True))
     ]  # float tensors may hold NaN (no value)
     changed += [k for k, v in before["scalars"].items() if after["scalars"][k] != v]
-    if before["free_blocks"] != after["free_blocks"]:
-        changed.append("block pool")
+    changed += [k for k in ("free_blocks", "stats_lines") if before[k] != after[k]]
     return changed
 
 
@@ -241,9 +243,10 @@ def main(spec_path: str, out_path: str) -> None:
     )
     out: dict = {"pools_start": pool_counts(llm)}
     if spec.get("non_scheduled"):
-        before = page_state(llm)
+        stats_path = spec["pruning"]["stats_path"]
+        before = page_state(llm, stats_path)
         out["non_scheduled"] = run_non_scheduled_forwards(llm)
-        out["non_scheduled"]["changed"] = diff_states(before, page_state(llm))
+        out["non_scheduled"]["changed"] = diff_states(before, page_state(llm, stats_path))
     if spec.get("prompts"):
         out["results"] = generate(llm, spec)
     if spec.get("pressure"):
