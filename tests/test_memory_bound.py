@@ -179,7 +179,6 @@ def run_step(table: PageTable, answers: Answers, tracker: DeviceBytes, rows: Ste
         del block_table, rows_q, out_rows
     table.reports()
     del plan
-    table._planned = None  # (the next step's plan drops it first)
     return tracker.peak - base
 
 

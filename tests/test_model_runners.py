@@ -41,6 +41,38 @@ OWN_THRESHOLD = -3.0  # one request's own threshold (per-request options)
 PRESSURE = {"values": ["none"] * 4 + [None], "prompt_len": 90, "max_tokens": 24}
 
 
+def test_only_a_bound_step_has_a_plan_made_once():
+    """`runtime.bind_step`: the step the connector binds is planned once, every layer of its
+    forward gets that plan; rows the connector never bound (forwards that are not scheduled
+    steps) get none; a step with no tokens binds nothing; a step with tokens and no rows raises."""
+    from vllm_kvzap.attention.runtime import PruningRuntime
+    from vllm_kvzap.config import KVPruningConfig
+
+    class CountingPages:
+        def __init__(self):
+            self.planned = []
+
+        def plan(self, rows):
+            self.planned.append(rows)
+            return ("plan", rows)
+
+    config = KVPruningConfig.from_additional_config({"kv_pruning": {"method": "window"}})
+    runtime = PruningRuntime(config, None, num_layers=2, num_kv_heads=2, max_num_tokens=8)
+    runtime.pages = pages = CountingPages()
+    step, dummy = object(), object()
+    runtime.next_rows = step
+    runtime.bind_step(5)
+    assert [runtime.bound_plan(step) for _ in range(3)] == [("plan", step)] * 3
+    assert pages.planned == [step]  # once, whatever the number of layers asking
+    assert runtime.bound_plan(dummy) is None and runtime.bound_plan(None) is None
+    runtime.next_rows = dummy  # described by a dummy run's builder, then a step without a forward
+    runtime.bind_step(0)
+    assert runtime.bound_plan(dummy) is None and runtime.next_rows is None
+    assert pages.planned == [step]
+    with pytest.raises(RuntimeError, match="no rows"):
+        runtime.bind_step(3)
+
+
 def run_harness(spec: dict, tmp) -> dict:
     (tmp / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}

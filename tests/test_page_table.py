@@ -93,7 +93,6 @@ def run_step(sim: Sim, batch: list[tuple[int, int, int, bool]]):
     )
     table = sim.table
     plan = table.plan(rows)
-    assert table.plan(rows) is plan  # planned once per step
     T = int(qlens.sum())
     g = torch.Generator().manual_seed(T)
     query = torch.randn(T, H * G, D, generator=g)

@@ -323,7 +323,6 @@ class PageTable:
             [self.capacity, self.num_chunks - 1, S], dtype=torch.int64, device=dev
         )
         self._short = torch.zeros(4, dtype=torch.int64, device=dev)
-        self._planned: tuple[StepRows, StepPlan] | None = None
         self._report: tuple[torch.Tensor, ...] | None = None  # the last step's, for `reports`
         self._layer_idx = torch.arange(L, device=dev).view(-1, 1, 1)
         self._head_idx = torch.arange(H, device=dev).view(1, 1, -1)
@@ -608,15 +607,7 @@ class PageTable:
 
     # ------------------------------------------------------------------ the step
     def plan(self, rows: StepRows) -> StepPlan:
-        """The step's plan, made once (the first layer to ask makes it)."""
-        if self._planned is not None and self._planned[0] is rows:
-            return self._planned[1]
-        self._planned = None  # the last step's plan is spent: not alive while this one is made
-        plan = self._plan(rows)
-        self._planned = (rows, plan)
-        return plan
-
-    def _plan(self, rows: StepRows) -> StepPlan:
+        """The step's plan (made once per step: `runtime.bind_step` keeps it for the layers)."""
         W, bs, L, H, K = self.window, self.block_size, self.num_layers, self.num_heads, self.chunk
         dev = self.device
         # host-side sizes (StepRows' cpu tensors: no device reads)
