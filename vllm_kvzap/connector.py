@@ -20,15 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+from vllm_kvzap.cache.manager import KVzapBlockManager
+from vllm_kvzap.cache.page_table import ResidentReport
+from vllm_kvzap.compat import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-
-from vllm_kvzap.cache.manager import KVzapBlockManager
-from vllm_kvzap.cache.page_table import ResidentReport
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.metrics import COUNTERS, KVzapConnectorStats, KVzapPromMetrics
 from vllm_kvzap.stats import FinishedRequest, StatsRecorder, request_stats
@@ -65,7 +64,7 @@ class KVzapWorkerMetadata(KVConnectorWorkerMetadata):
 
 def _external_request_id(engine_request_id: str) -> str:
     """The id the user sees: vLLM appends "-<8 random chars>" to it inside the engine."""
-    from vllm import envs
+    from vllm_kvzap.compat import envs
 
     if envs.VLLM_DISABLE_REQUEST_ID_RANDOMIZATION:
         return engine_request_id

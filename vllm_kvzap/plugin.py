@@ -4,13 +4,22 @@ It registers the project's pieces through vLLM's official registries and install
 engine-argument and model-loading hooks from `vllm_kvzap.patches`. Idempotent and cheap: vLLM
 calls it several times per process. With no `kv_pruning` option nothing of this changes any
 behaviour: the attention backend and the hooks pass straight through.
+
+On a vLLM outside the supported range (`compat.SUPPORTED`) it registers nothing and never raises:
+one warning, and an engine asked to prune refuses with one line naming the range
+(`patches.apply_refusal`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 CONNECTOR_NAME = "KVzapPruningConnector"
+_WARNED = "VLLM_KVZAP_UNSUPPORTED_WARNED"
 
 _registered = False
+logger = logging.getLogger("vllm.kvzap")  # under vLLM's logger, whatever its version
 
 
 def register() -> None:
@@ -19,13 +28,25 @@ def register() -> None:
         return
     _registered = True
 
-    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-    from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm_kvzap import compat, patches
 
-    from vllm_kvzap import patches
+    if not compat.supported():
+        patches.apply_refusal()
+        if not os.environ.get(_WARNED):  # once per deployment: vLLM's processes inherit it
+            os.environ[_WARNED] = "1"
+            logger.warning(
+                "%s; vllm-kvzap registered nothing and vLLM runs unchanged.",
+                compat.unsupported_message(),
+            )
+        return
 
     from vllm_kvzap.cache.spec import register_spec
+    from vllm_kvzap.compat import (
+        AttentionBackendEnum,
+        KVConnectorFactory,
+        current_platform,
+        register_backend,
+    )
 
     patches.apply()
     register_spec()

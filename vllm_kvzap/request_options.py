@@ -29,8 +29,8 @@ from typing import Any
 from vllm_kvzap.config import (
     KVPruningConfig,
     KVPruningConfigError,
-    parse_threshold,
     parse_ratio,
+    parse_threshold,
 )
 
 REQUEST_KEY = "kv_pruning"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vllm.logger import init_logger
+from vllm_kvzap.compat import init_logger
 
 if TYPE_CHECKING:
     from vllm_kvzap.config import KVPruningConfig

@@ -25,14 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from vllm.config import get_current_vllm_config
-from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata, MultipleOf
-from vllm.v1.attention.backends.cpu_attn import (
-    CPUAttentionBackend,
-    CPUAttentionBackendImpl,
-    CPUAttentionMetadata,
-    CPUAttentionMetadataBuilder,
-)
 
 from vllm_kvzap.attention.paged_step import (
     layer_index,
@@ -46,6 +38,17 @@ from vllm_kvzap.attention.paged_step import (
 from vllm_kvzap.attention.rows import SUPPORTED_ISAS, attend_layer
 from vllm_kvzap.attention.runtime import get_runtime
 from vllm_kvzap.cache.page_table import StepRows
+from vllm_kvzap.compat import (
+    AttentionType,
+    CommonAttentionMetadata,
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+    MultipleOf,
+    get_current_vllm_config,
+    is_quantized_kv_cache,
+)
 from vllm_kvzap.kernels.paged_attention import paged_attention_masked_torch
 
 
@@ -110,7 +113,9 @@ class KVzapCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         self.pruning = pruning_config(get_current_vllm_config())
         self.layer_idx: int | None = None
         if self.pruning.enabled and self.attn_type == AttentionType.DECODER:
-            unsupported_features(self, self.sliding_window != -1, self.is_fp8_kv_cache)
+            unsupported_features(
+                self, self.sliding_window != -1, is_quantized_kv_cache(self.kv_cache_dtype)
+            )
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if not prunes(self):

@@ -23,21 +23,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vllm.config import get_current_vllm_config
-from vllm.utils.torch_utils import is_quantized_kv_cache
-from vllm.v1.attention.backend import (
-    AttentionCGSupport,
-    AttentionType,
-    CommonAttentionMetadata,
-)
-from vllm.v1.attention.backends.triton_attn import (
-    TritonAttentionBackend,
-    TritonAttentionImpl,
-    TritonAttentionMetadata,
-    TritonAttentionMetadataBuilder,
-)
-from vllm.v1.kv_cache_layout import KVCacheLayout
-
 from vllm_kvzap.attention.paged_step import (
     layer_index,
     paged_forward,
@@ -50,6 +35,18 @@ from vllm_kvzap.attention.paged_step import (
 from vllm_kvzap.attention.runtime import get_runtime
 from vllm_kvzap.attention.triton_rows import attend_layer_triton
 from vllm_kvzap.cache.page_table import StepRows
+from vllm_kvzap.compat import (
+    AttentionCGSupport,
+    AttentionType,
+    CommonAttentionMetadata,
+    KVCacheLayout,
+    TritonAttentionBackend,
+    TritonAttentionImpl,
+    TritonAttentionMetadata,
+    TritonAttentionMetadataBuilder,
+    get_current_vllm_config,
+    is_quantized_kv_cache,
+)
 
 
 @dataclass

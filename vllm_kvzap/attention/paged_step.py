@@ -16,11 +16,10 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvzap.attention.runtime import get_runtime
 from vllm_kvzap.cache.page_table import PageTable, StepPlan, StepRows
+from vllm_kvzap.compat import AttentionType, CommonAttentionMetadata, FullAttentionSpec
 from vllm_kvzap.config import KVPruningConfig
 
 
@@ -40,7 +39,7 @@ def prunes(impl) -> bool:
 def layer_index(impl, layer) -> int:
     """The impl's decoder layer index, from its layer's name (found once)."""
     if impl.layer_idx is None:
-        from vllm.model_executor.models.utils import extract_layer_index
+        from vllm_kvzap.compat import extract_layer_index
 
         impl.layer_idx = extract_layer_index(layer.layer_name)
     return impl.layer_idx

@@ -12,10 +12,13 @@ The kernel's scheduler metadata depends on each layer's row lengths, so it is bu
 from __future__ import annotations
 
 import torch
-from vllm import _custom_ops as ops
-from vllm import envs
 
 from vllm_kvzap.cache.page_table import PageTable, StepPlan
+from vllm_kvzap.compat import (
+    cpu_attention_with_kv_cache,
+    cpu_attn_get_scheduler_metadata,
+    envs,
+)
 
 # ISAs whose in-page layout `PageTable` moves pairs in (keys transposed per page, values plain)
 SUPPORTED_ISAS = ("vec", "vec16")
@@ -35,7 +38,7 @@ def attend_layer(
     G = rows_q.shape[1]
     seq_lens = plan.seq_lens[layer_idx]
     num_rows = seq_lens.numel()
-    metadata = ops.cpu_attn_get_scheduler_metadata(
+    metadata = cpu_attn_get_scheduler_metadata(
         num_reqs=num_rows,
         num_heads=G,
         num_kv_heads=1,
@@ -48,7 +51,7 @@ def attend_layer(
         isa=isa,
         enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
     )
-    ops.cpu_attention_with_kv_cache(
+    cpu_attention_with_kv_cache(
         query=rows_q,
         key_cache=table.key_cache,
         value_cache=table.value_cache,

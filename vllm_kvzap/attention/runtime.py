@@ -68,7 +68,7 @@ class PruningRuntime:
         self.bound: tuple[StepRows, StepPlan] | None = None
 
     def setup_paged(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from vllm.model_executor.models.utils import extract_layer_index
+        from vllm_kvzap.compat import extract_layer_index
 
         by_layer = sorted((extract_layer_index(name), t) for name, t in kv_caches.items())
         assert [i for i, _ in by_layer] == list(range(self.num_layers)), sorted(kv_caches)
@@ -177,8 +177,7 @@ def get_runtime() -> PruningRuntime | None:
 
 def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     """`layers.{i}.self_attn` modules that wrap a vLLM `Attention` layer, by layer index."""
-    from vllm.model_executor.layers.attention import Attention
-    from vllm.model_executor.models.utils import extract_layer_index
+    from vllm_kvzap.compat import Attention, extract_layer_index
 
     found = {}
     for name, module in model.named_modules():

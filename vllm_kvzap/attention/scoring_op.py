@@ -22,9 +22,9 @@ the same buffer (no copy), since nothing else reads the pre-op value.
 from __future__ import annotations
 
 import torch
-from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_kvzap.attention.runtime import get_runtime
+from vllm_kvzap.compat import direct_register_custom_op
 
 # The op is registered in this library and lives as long as it (i.e. the process).
 _lib = torch.library.Library("vllm_kvzap", "FRAGMENT")

@@ -10,9 +10,11 @@ each row's query is its KV head's GQA group (`[q_len, G, D]`, regrouped as in `a
 `cu_seqlens_q` the rows' query starts and `seqused_k` their lengths. Nothing here reads the GPU
 back: the plan's host-side bounds (`max_query_len`, `max_seq_len`) size the launch.
 
-Decode-only steps with few rows (at most vLLM's `MIN_LAUNCH_GRID_SIZE_2D`: the 2D grid would leave
-most of the GPU idle) use the kernel's split-KV (3D) variant, as vLLM's own backend does, with
-segment buffers for that many rows allocated once.
+Steps with few rows (at most vLLM's `MIN_LAUNCH_GRID_SIZE_2D`: the 2D grid would leave most of
+the GPU idle) may use the kernel's split-KV (3D) variant, as vLLM's own backend does, with segment
+buffers for that many query tokens allocated once: decode-only steps in vLLM 0.32, also rows of
+up to 8 query tokens since 0.33 (the kernel falls back to 2D when a step has more query tokens
+than the buffers have rows).
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ def kv_cache_views(table: PageTable) -> tuple[torch.Tensor, torch.Tensor]:
 def split_kv_buffers(group: int, head_size: int, device: torch.device) -> tuple:
     """(rows threshold, segments, output, max, expsum) for the split-KV variant: scratch that the
     layers' kernel calls reuse one after another, allocated once per shape and device."""
-    from vllm.utils.math_utils import next_power_of_2
-    from vllm.v1.attention.backends.triton_attn import (
+    from vllm_kvzap.compat import (
         MIN_LAUNCH_GRID_SIZE_2D,
         NUM_PAR_SOFTMAX_SEGMENTS,
+        next_power_of_2,
     )
 
     rows, segs = MIN_LAUNCH_GRID_SIZE_2D, NUM_PAR_SOFTMAX_SEGMENTS  # one KV head per row
@@ -61,7 +63,7 @@ def attend_layer_triton(
     out: torch.Tensor,  # [T, H_q, D], contiguous
     scale: float,
 ) -> None:
-    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    from vllm_kvzap.compat import unified_attention
 
     rows_q, out_rows = row_queries(plan, query, out, table.num_heads)
     k_cache, v_cache = kv_cache_views(table)

@@ -18,10 +18,8 @@ pages there); later slabs are pure accounting, so the worker's block-table rows 
 
 from __future__ import annotations
 
-from vllm.utils.math_utils import cdiv
-from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-
 from vllm_kvzap.cache.page_table import ResidentReport
+from vllm_kvzap.compat import FullAttentionManager, cdiv
 
 
 class KVzapBlockManager(FullAttentionManager):

@@ -262,7 +262,10 @@ class PageTable:
         for cache in kv_caches:
             assert cache.shape == first.shape and cache.untyped_storage().data_ptr() == (
                 storage.data_ptr()
-            ), "kv_pruning expects all layers' KV caches in one buffer"
+            ), (
+                "kv_pruning expects all layers' KV caches in one buffer (vLLM 0.34's extensible "
+                "KV cache splits it: --no-enable-extensible-kv-cache)"
+            )
             assert cache.stride(2) == cell and cache.stride(3) == 1
             base = cache.storage_offset() // page_elems
             blocks = torch.arange(1, num_blocks)[:, None] * (cache.stride(0) // page_elems)
@@ -779,9 +782,9 @@ class PageTable:
         T, H, D = plan.num_tokens, self.num_heads, self.head_size
         page, offset = slots // self.block_size, slots % self.block_size
         if self.key_layout == "transposed":
-            from vllm import _custom_ops as ops
+            from vllm_kvzap.compat import cpu_attn_reshape_and_cache
 
-            ops.cpu_attn_reshape_and_cache(
+            cpu_attn_reshape_and_cache(
                 key[:T].reshape(T * H, 1, D),
                 value[:T].reshape(T * H, 1, D),
                 self.key_cache,

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm.v1.kv_cache_interface import FullAttentionSpec
-
 from vllm_kvzap.cache.page_table import SCORE_BYTES
+from vllm_kvzap.compat import FullAttentionSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,9 +34,8 @@ class KVzapAttentionSpec(FullAttentionSpec):
 
 
 def register_spec() -> None:
-    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
-
     from vllm_kvzap.cache.manager import KVzapBlockManager
+    from vllm_kvzap.compat import KVCacheSpecRegistry
 
     # Built-ins first: the registry fills them only while it is empty.
     KVCacheSpecRegistry._ensure_registered()
