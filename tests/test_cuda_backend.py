@@ -121,3 +121,33 @@ def test_other_platforms_are_refused(monkeypatch):
     monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
     with pytest.raises(KVPruningConfigError, match="CPU and CUDA platforms"):
         prepare_engine_args(_args(), PRUNING)
+
+
+@pytest.mark.parametrize("given", [None, False])
+def test_cuda_turns_off_vllm_034s_extensible_kv_cache(fake_cuda, given, caplog):
+    """vLLM 0.34's `enable_extensible_kv_cache` (None: on for CUDA) is turned off with a logged
+    reason; 0.32's arguments, which have no such field, get none."""
+    args = _args()
+    assert not hasattr(args, "enable_extensible_kv_cache")  # vLLM 0.32
+    prepare_engine_args(args, PRUNING)
+    assert not hasattr(args, "enable_extensible_kv_cache")
+    args = _args()
+    args.enable_extensible_kv_cache = given  # what 0.34's EngineArgs holds
+    with caplog.at_level("WARNING"):
+        prepare_engine_args(args, PRUNING)
+    assert args.enable_extensible_kv_cache is False
+    assert ("extensible KV cache" in caplog.text) is (given is None)
+
+
+def test_cuda_refuses_an_extensible_kv_cache_asked_for(fake_cuda):
+    args = _args()
+    args.enable_extensible_kv_cache = True
+    with pytest.raises(KVPruningConfigError, match="the extensible KV cache"):
+        prepare_engine_args(args, PRUNING)
+    from types import SimpleNamespace
+
+    from vllm_kvzap.engine_setup import finish_vllm_config
+
+    resolved = SimpleNamespace(enable_extensible_kv_cache=True)  # 0.34's resolved CacheConfig
+    with pytest.raises(KVPruningConfigError, match="--no-enable-extensible-kv-cache"):
+        finish_vllm_config(SimpleNamespace(model_config=None, cache_config=resolved), PRUNING)
