@@ -182,6 +182,9 @@ SYMBOLS: dict[str, Symbol] = {
     "TritonAttentionMetadataBuilder": Symbol(
         "vllm.v1.attention.backends.triton_attn:TritonAttentionMetadataBuilder",
         members=_members(build=("common_prefix_len", "common_attn_metadata", "fast_build")),
+        note="0.34 reads num_kv_heads and head_size from the KV cache spec instead of the model "
+        "config: the plugin's spec copies both fields unchanged (the scores' bytes are only in "
+        "state_content_size_bytes), and they size split-KV scratch the plugin does not use",
     ),
     "MIN_LAUNCH_GRID_SIZE_2D": Symbol("vllm.v1.attention.backends.triton_attn:MIN_LAUNCH_GRID_SIZE_2D"),
     "NUM_PAR_SOFTMAX_SEGMENTS": Symbol("vllm.v1.attention.backends.triton_attn:NUM_PAR_SOFTMAX_SEGMENTS"),
