@@ -30,6 +30,11 @@ def test_random_draws_match_the_reference_hash_and_are_uniform():
             assert u[p, h].item() == pytest.approx(_random_uniform(7, 2, p, h), abs=1e-7)
     assert 0.0 <= u.min() and u.max() < 1.0
     assert abs((u < 0.4).float().mean().item() - 0.4) < 0.02
+    # a tensor-parallel rank's heads 1..2 draw what the whole model's heads 1..2 draw
+    rank = random_uniform(positions[:50], layer_idx=2, num_kv_heads=2, seed=7, first_head=1)
+    for p in (0, 49):
+        for h in range(2):
+            assert rank[p, h].item() == pytest.approx(_random_uniform(7, 2, p, h + 1), abs=1e-7)
 
 
 def test_window_and_knorm_scores():

@@ -150,6 +150,7 @@ def test_engine_config_without_pruning_is_untouched(tiny_model_dir):
         ({"enable_prefix_caching": True}, "prefix caching"),
         ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative"),
         ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+        ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
     ],
 )
 def test_explicitly_requested_conflicts_are_refused(tiny_model_dir, engine_kwargs, needle):
@@ -158,6 +159,20 @@ def test_explicitly_requested_conflicts_are_refused(tiny_model_dir, engine_kwarg
         setattr(args, key, value)
     with pytest.raises(KVPruningConfigError, match=needle):
         args.create_engine_config()
+
+
+def test_tensor_parallelism_needs_the_kv_heads_split_evenly(tiny_model_dir):
+    """The tiny model has 2 KV heads: TP=2 gives one per rank (tests/test_tensor_parallel.py);
+    TP=4 would replicate heads across ranks, which pruning refuses by name."""
+    from vllm_kvzap.engine_setup import finish_vllm_config
+
+    config = _engine_args(tiny_model_dir).create_engine_config()
+    pruning = KVPruningConfig.from_additional_config(config.additional_config)
+    config.parallel_config.tensor_parallel_size = 4
+    with pytest.raises(KVPruningConfigError, match="2 KV heads split evenly over the 4 ranks"):
+        finish_vllm_config(config, pruning)
+    config.parallel_config.tensor_parallel_size = 2
+    finish_vllm_config(config, pruning)
 
 
 def test_missing_checkpoint_is_refused(tiny_model_dir, tmp_path):

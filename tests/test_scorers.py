@@ -119,6 +119,20 @@ def test_published_checkpoint_scores_match_reference_modules(published, cfg: Sur
     assert not torch.allclose(surrogate.score(x, 0), surrogate.score(x, 1))
 
 
+def test_a_ranks_heads_score_as_the_reference_modules_columns(published, cfg) -> None:
+    """Tensor parallelism: `select_heads` keeps the rows of the last layer for a rank's heads."""
+    path, ref = published
+    H = cfg.output_dim
+    x = torch.randn(9, cfg.input_dim)
+    for first, count in [(0, 1), (H - 1, 1), (1, H - 1)]:
+        shard = load_surrogate(path).select_heads(first, count)
+        assert shard.config.output_dim == count
+        for layer in range(cfg.n_modules):
+            with torch.no_grad():
+                expected = ref.layers[layer](x)[:, first : first + count]
+            torch.testing.assert_close(shard.score(x, layer), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_score_casts_input_to_float32(published, cfg: SurrogateConfig) -> None:
     path, ref = published
     surrogate = load_surrogate(path)

@@ -6,6 +6,7 @@ statistics line. Bad command lines end quickly with a one-line error and no trac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,20 +43,21 @@ def post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
+@contextlib.contextmanager
+def running_server(model_dir, tmp: Path, *extra: str):
+    """`vllm-kvzap serve` of the tiny model with `kvzap-mlp` (window 16) on a free loopback port,
+    until healthy; yields its base URL, statistics path and log."""
     stats_path = tmp / "stats.jsonl"
     port = free_port()
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
-        [*cli(), "serve", str(tiny_model_dir["model"]),
+        [*cli(), "serve", str(model_dir["model"]),
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--max-model-len", "1024", "--kv-cache-memory-bytes", str(64 * 2**20),
          "--served-model-name", "tiny",
          "--kv-pruning", "kvzap-mlp", "--kv-pruning-window", "16",
-         "--kv-pruning-surrogate", str(tiny_model_dir["mlp"]),
-         "--kv-pruning-stats", str(stats_path)],
+         "--kv-pruning-surrogate", str(model_dir["mlp"]),
+         "--kv-pruning-stats", str(stats_path), *extra],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -81,6 +83,12 @@ def server(tiny_model_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    with running_server(tiny_model_dir, tmp_path_factory.mktemp("serve")) as srv:
+        yield srv
 
 
 def wait_for_stats(path: Path, response_id: str, timeout_s: float = 30.0) -> dict:

@@ -103,6 +103,12 @@ SYMBOLS: dict[str, Symbol] = {
         members=_members("backend", "backend_per_kind", validate_backend_before=("value",)),
     ),
     "get_current_vllm_config": Symbol("vllm.config:get_current_vllm_config"),
+    "ParallelConfig": Symbol(
+        "vllm.config.parallel:ParallelConfig",
+        members=_members(
+            "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_index",
+        ),
+    ),  # fmt: skip
     # --- registries: backends, KV cache specs, KV connectors ---
     "AttentionBackendEnum": Symbol(
         "vllm.v1.attention.backends.registry:AttentionBackendEnum",
@@ -267,6 +273,17 @@ SYMBOLS: dict[str, Symbol] = {
     "Attention": Symbol("vllm.model_executor.layers.attention:Attention"),
     "extract_layer_index": Symbol(
         "vllm.model_executor.models.utils:extract_layer_index", calls=("layer_name",)
+    ),
+    # --- tensor parallelism ---
+    "get_tensor_model_parallel_rank": Symbol(
+        "vllm.distributed.parallel_state:get_tensor_model_parallel_rank"
+    ),
+    "get_tensor_model_parallel_world_size": Symbol(
+        "vllm.distributed.parallel_state:get_tensor_model_parallel_world_size"
+    ),
+    "tensor_model_parallel_all_gather": Symbol(
+        "vllm.distributed.communication_op:tensor_model_parallel_all_gather",
+        calls=("input_", "dim"),
     ),
     # --- the KV connector and its metrics ---
     "KVConnectorBase_V1": Symbol(

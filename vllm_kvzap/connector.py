@@ -51,6 +51,18 @@ class FinishedCounts:
     peak_pages: int | None = None  # paged mode
     end_pages: int | None = None
 
+    def add(self, other: FinishedCounts) -> FinishedCounts:
+        """The same request's counts over two ranks' KV heads (tensor parallelism)."""
+
+        def total(a, b):
+            return None if a is None or b is None else a + b
+
+        pruned = [a + b for a, b in zip(self.pruned_per_layer, other.pruned_per_layer)]
+        return FinishedCounts(
+            self.request, pruned, total(self.peak_pages, other.peak_pages),
+            total(self.end_pages, other.end_pages),
+        )  # fmt: skip
+
 
 @dataclass
 class KVzapWorkerMetadata(KVConnectorWorkerMetadata):
@@ -58,8 +70,22 @@ class KVzapWorkerMetadata(KVConnectorWorkerMetadata):
     reports: dict[int, ResidentReport] = field(default_factory=dict)  # by request key
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        """Two tensor-parallel ranks' metadata of the same step (vLLM's `KVOutputAggregator`):
+        each rank holds its own KV heads, so a request's pruned pairs and pages add up, and its
+        report is the larger need (the scheduler's blocks hold `layers x local heads` pages on
+        every rank)."""
         assert isinstance(other, KVzapWorkerMetadata)
-        return KVzapWorkerMetadata(self.counts + other.counts, {**self.reports, **other.reports})
+        counts = {c.request.engine_request_id: c for c in self.counts}
+        for c in other.counts:
+            mine = counts.get(c.request.engine_request_id)
+            counts[c.request.engine_request_id] = c if mine is None else mine.add(c)
+        reports = dict(self.reports)
+        for key, r in other.reports.items():
+            mine = reports.get(key)
+            reports[key] = r if mine is None else ResidentReport(
+                max(mine.pages, r.pages), max(mine.next_pages, r.next_pages), mine.dense or r.dense
+            )
+        return KVzapWorkerMetadata(list(counts.values()), reports)
 
 
 def _external_request_id(engine_request_id: str) -> str:
@@ -71,18 +97,27 @@ def _external_request_id(engine_request_id: str) -> str:
     return engine_request_id.rsplit("-", 1)[0]
 
 
+def _data_parallel_engine(vllm_config) -> int:
+    """This engine's data-parallel rank (vLLM runs one engine core per rank; for models without
+    experts each runs as DP=1, and only `data_parallel_index` keeps the rank), 0 without DP."""
+    return vllm_config.parallel_config.data_parallel_index
+
+
 class KVzapPruningConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
         self.pruning = KVPruningConfig.from_additional_config(vllm_config.additional_config)
         self.num_kv_heads = vllm_config.model_config.get_total_num_kv_heads()
+        # tensor parallelism: every rank holds `pages_per_block` pages per block for its heads;
+        # the workers' counts arrive summed over ranks (`KVzapWorkerMetadata.aggregate`)
+        self.num_ranks = vllm_config.parallel_config.tensor_parallel_size
         self._finished: list[FinishedRequest] = []
         self._counts: list[FinishedCounts] = []
         self._manager: KVzapBlockManager | None = None
         self._request_values: dict[str, float] = {}  # scheduler side: by engine request id
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._recorder = (
-            StatsRecorder.from_config(self.pruning)
+            StatsRecorder.from_config(self.pruning, _data_parallel_engine(vllm_config))
             if role == KVConnectorRole.SCHEDULER
             else None
         )
@@ -244,6 +279,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
             if c.peak_pages is not None:
                 page_bytes = self._page_bytes()
                 pages_per_block = self._manager.pages_per_block if self._manager else 0
+                pages_per_block *= self.num_ranks  # all ranks' pages, as the counts are
                 dense_pages = pages_per_block * -(-c.request.num_kv_tokens // self._block_size())
                 stats.update(
                     resident_kv_pages_peak=c.peak_pages,
@@ -266,7 +302,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         data, self._counters = self._counters, dict.fromkeys(COUNTERS, 0)
         if self._manager is not None:
             held, dense = self._manager.block_usage()
-            per_block = self._manager.pages_per_block
+            per_block = self._manager.pages_per_block * self.num_ranks
             data.update(resident_kv_bytes=held * self._page_bytes() * per_block,
                         dense_kv_bytes=dense * self._page_bytes(dense=True) * per_block)  # fmt: skip
         return KVzapConnectorStats(data=data)

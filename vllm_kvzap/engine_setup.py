@@ -53,8 +53,10 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
         changed.append("prefix caching (it assumes every token stays in the KV cache)")
     if args.speculative_config:
         errors.append("speculative decoding (drop --speculative-config)")
-    if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
-        errors.append("tensor/pipeline parallelism (use a single device per engine)")
+    if args.pipeline_parallel_size != 1:
+        # each stage would hold some layers only; the page table and scores index all of them
+        errors.append("pipeline parallelism (drop --pipeline-parallel-size; tensor and data "
+                      "parallelism work)")  # fmt: skip
     if args.kv_transfer_config is not None:
         errors.append("a KV connector (--kv-transfer-config); the plugin uses its own")
     if args.kv_cache_dtype not in ("auto", None):
@@ -131,6 +133,15 @@ def finish_vllm_config(vllm_config, pruning: KVPruningConfig) -> None:
         raise KVPruningConfigError(
             "kv_pruning needs vLLM's KV cache committed in one buffer: add "
             "--no-enable-extensible-kv-cache"
+        )
+    num_ranks = vllm_config.parallel_config.tensor_parallel_size
+    total_kv_heads = model_config.get_total_num_kv_heads()
+    if total_kv_heads % num_ranks:
+        # fewer KV heads than ranks: vLLM would replicate heads across ranks
+        raise KVPruningConfigError(
+            f"kv_pruning with tensor parallelism needs the model's {total_kv_heads} KV heads "
+            f"split evenly over the {num_ranks} ranks (each rank prunes its own heads): use a "
+            f"tensor parallel size that divides {total_kv_heads}"
         )
     if pruning.paged and not cache_config.user_specified_block_size:
         cache_config.block_size = default_block_size(model_config.get_head_size())

@@ -9,7 +9,8 @@ Each line also records the decision rule (`StatsRecorder.from_config`): `method`
 ratio mode, where only the prompt is pruned, `prompt_pruned_fraction` = mean over layers of pruned
 pairs / (H_kv x prompt tokens), which is the ratio asked for up to rounding (`n_kept` is an
 integer). A request that gave its own threshold or ratio (`request_options.py`) has that value in
-its line, with `"per_request": true`.
+its line, with `"per_request": true`. Every line names its engine (`"engine"`: the data-parallel
+rank; vLLM's data parallelism runs one engine, with its own scheduler, per rank; 0 without it).
 """
 
 from __future__ import annotations
@@ -74,12 +75,20 @@ def request_stats(req: FinishedRequest, pruned_per_layer: list[int], num_kv_head
 
 
 class StatsRecorder:
-    def __init__(self, stats_path: str | None, method: str, settings: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        stats_path: str | None,
+        method: str,
+        settings: dict[str, Any] | None = None,
+        engine: int | None = None,
+    ):
         """`settings`: the rule and its parameters (`KVPruningConfig.rule_settings()`), added to
-        every line; without them lines carry the counts only."""
+        every line; without them lines carry the counts only. `engine`: the data-parallel rank
+        of this engine (one scheduler each; 0 without data parallelism), in every line."""
         self.stats_path = stats_path
         self.method = method
         self.settings = dict(settings or {})
+        self.engine = engine
         self._lock = threading.Lock()
         self._num_requests = 0
         self._sum_fraction = 0.0
@@ -90,8 +99,8 @@ class StatsRecorder:
             os.makedirs(os.path.dirname(os.path.abspath(stats_path)), exist_ok=True)
 
     @classmethod
-    def from_config(cls, config: KVPruningConfig) -> StatsRecorder:
-        return cls(config.stats_path, config.method, config.rule_settings())
+    def from_config(cls, config: KVPruningConfig, engine: int | None = None) -> StatsRecorder:
+        return cls(config.stats_path, config.method, config.rule_settings(), engine)
 
     def _describe(self) -> str:
         if self.settings.get("rule") == "ratio":
@@ -101,6 +110,8 @@ class StatsRecorder:
     def record(self, stats: dict, num_kv_heads: int, value: float | None = None) -> None:
         """`value`: the request's own threshold (ratio in ratio mode), which the line records in
         place of the engine's, with `"per_request": true`."""
+        if self.engine is not None:
+            stats = {**stats, "engine": self.engine}
         if self.settings:
             stats = {**stats, "method": self.method, **self.settings}
             if value is not None:

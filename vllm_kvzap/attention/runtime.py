@@ -17,6 +17,8 @@ progress, so a pair is judged exactly once and never comes back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -41,11 +43,13 @@ class PruningRuntime:
         device: torch.device | str = "cpu",
         key_layout: str = "transposed",
         block_size: int | None = None,
+        heads: TensorParallelHeads | None = None,
     ):
         self.config = config
         self.surrogate = surrogate
         self.num_layers = num_layers
-        self.num_kv_heads = num_kv_heads
+        self.num_kv_heads = num_kv_heads  # this rank's (all of them without tensor parallelism)
+        self.heads = heads
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.key_layout = key_layout  # in-page key layout the backend's kernel reads
         self.score_buffer = torch.zeros(
@@ -80,6 +84,7 @@ class PruningRuntime:
             max_model_len=self.max_model_len,
             ratio=self.config.ratio if self.config.ratio_mode else None,
             alpha=self.config.alpha,
+            heads=self.heads,
             key_layout=self.key_layout,
             directory=self.directory,
         )
@@ -123,7 +128,8 @@ class PruningRuntime:
         if method == "window":
             return window_scores(positions, self.num_kv_heads, self.config.sinks)
         if method == "random":
-            return random_scores(positions, layer_idx, self.num_kv_heads, self.config.seed)
+            first = self.heads.first if self.heads is not None else 0
+            return random_scores(positions, layer_idx, self.num_kv_heads, self.config.seed, first)
         return None
 
     def save_scores(self, layer_idx: int, scores: torch.Tensor) -> None:
@@ -175,6 +181,48 @@ def get_runtime() -> PruningRuntime | None:
     return _runtime
 
 
+@dataclass(frozen=True)
+class TensorParallelHeads:
+    """A tensor-parallel rank's KV heads: `count` heads from `first`, numbered as in the whole
+    model (vLLM's `QKVParallelLinear` gives rank r heads r * count ..), and how to gather a
+    tensor's last dimension over all ranks' heads (ratio mode's layer-wide rule)."""
+
+    first: int
+    count: int
+    total: int
+
+    @classmethod
+    def of_this_rank(cls, total_kv_heads: int) -> TensorParallelHeads | None:
+        """None without tensor parallelism."""
+        from vllm_kvzap.compat import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        size = get_tensor_model_parallel_world_size()
+        if size == 1:
+            return None
+        if total_kv_heads % size:
+            raise ValueError(
+                f"kv_pruning with tensor parallelism needs the model's {total_kv_heads} KV heads "
+                f"split evenly over the {size} ranks (each rank prunes its own heads); "
+                f"use a tensor parallel size that divides {total_kv_heads}"
+            )
+        count = total_kv_heads // size
+        return cls(get_tensor_model_parallel_rank() * count, count, total_kv_heads)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., count]`` of every rank, as ``[..., total]`` (a collective: every rank calls
+        it at the same point of the same step)."""
+        from vllm_kvzap.compat import tensor_model_parallel_all_gather
+
+        return tensor_model_parallel_all_gather(x.contiguous(), dim=-1)
+
+    def own(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part ``[..., count]`` of ``x [..., total]``."""
+        return x[..., self.first : self.first + self.count]
+
+
 def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     """`layers.{i}.self_attn` modules that wrap a vLLM `Attention` layer, by layer index."""
     from vllm_kvzap.compat import Attention, extract_layer_index
@@ -209,12 +257,18 @@ def install_runtime(model: nn.Module, vllm_config, config: KVPruningConfig) -> P
             f"{type(model).__name__}; this model architecture is not supported"
         )
     device = next(model.parameters()).device
+    heads = TensorParallelHeads.of_this_rank(vllm_config.model_config.get_total_num_kv_heads())
+    num_kv_heads = heads.count if heads is not None else (
+        vllm_config.model_config.get_total_num_kv_heads()
+    )
     surrogate = None
     if config.uses_surrogate:
         # on CUDA the Triton kernel multiplies in the model's dtype: cast w1 once, before compile
         dtype = vllm_config.model_config.dtype if device.type == "cuda" else None
-        surrogate = load_surrogate(config.surrogate).to(device, dtype)
-    num_kv_heads = vllm_config.model_config.get_total_num_kv_heads()
+        surrogate = load_surrogate(config.surrogate)
+        if heads is not None:
+            surrogate = surrogate.select_heads(heads.first, heads.count)
+        surrogate = surrogate.to(device, dtype)
     scheduler_config = vllm_config.scheduler_config
     runtime = PruningRuntime(
         config,
@@ -227,6 +281,7 @@ def install_runtime(model: nn.Module, vllm_config, config: KVPruningConfig) -> P
         device=device,
         key_layout=page_key_layout(modules.values()),
         block_size=vllm_config.cache_config.block_size,
+        heads=heads,
     )
 
     from vllm_kvzap.attention.scoring_op import save_scores

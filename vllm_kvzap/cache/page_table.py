@@ -221,6 +221,7 @@ class PageTable:
         key_layout: str = "transposed",
         directory: tuple[torch.Tensor, torch.Tensor] | None = None,
         chunk: int | None = None,
+        heads=None,
     ):
         if key_layout not in KEY_LAYOUTS:
             raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}")
@@ -237,6 +238,8 @@ class PageTable:
             )
         self.window = window
         self.ratio, self.alpha = ratio, alpha  # ratio mode: AdaKV over the prompt (window 0)
+        # tensor parallelism: this rank's KV heads (`runtime.TensorParallelHeads`), or None
+        self.heads = heads
         page_elems = block_size * cell
         storage = first.untyped_storage()
         es = first.element_size()
@@ -488,7 +491,11 @@ class PageTable:
         from vllm_kvzap.scorers.adakv import adakv_keep
 
         scores = self.slot_scores[page, offset].permute(1, 0, 3, 2)  # [C, l, T, H]
+        if self.heads is not None:  # the rule spans the layer's heads on all ranks
+            scores = self.heads.gather(scores)
         keep = adakv_keep(scores, lengths, self.slot_value[slots], self.alpha)
+        if self.heads is not None:
+            keep = self.heads.own(keep)
         return keep.permute(1, 0, 3, 2)
 
     def _settle(self, slots: torch.Tensor) -> torch.Tensor:

@@ -31,10 +31,11 @@ def knorm_scores(keys: torch.Tensor) -> torch.Tensor:
 
 
 def random_uniform(
-    positions: torch.Tensor, layer_idx: int, num_kv_heads: int, seed: int
+    positions: torch.Tensor, layer_idx: int, num_kv_heads: int, seed: int, first_head: int = 0
 ) -> torch.Tensor:
-    """u in [0, 1) [T, H_kv]: a hash of (seed, layer, position, head), independent of batching."""
-    heads = torch.arange(num_kv_heads, device=positions.device, dtype=torch.int64)
+    """u in [0, 1) [T, H_kv]: a hash of (seed, layer, position, head), independent of batching
+    (heads ``first_head ..``: a tensor-parallel rank's, numbered as in the whole model)."""
+    heads = torch.arange(num_kv_heads, device=positions.device, dtype=torch.int64) + first_head
     x = (
         positions.to(torch.int64)[:, None] * 1_000_003
         + heads[None, :] * 10_007
@@ -48,6 +49,6 @@ def random_uniform(
 
 
 def random_scores(
-    positions: torch.Tensor, layer_idx: int, num_kv_heads: int, seed: int
+    positions: torch.Tensor, layer_idx: int, num_kv_heads: int, seed: int, first_head: int = 0
 ) -> torch.Tensor:
-    return -random_uniform(positions, layer_idx, num_kv_heads, seed)
+    return -random_uniform(positions, layer_idx, num_kv_heads, seed, first_head)

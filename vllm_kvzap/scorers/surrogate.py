@@ -14,6 +14,8 @@ w1 is cast to it once per dtype and kept (``w1_as``); the small b1, w2, b2 stay 
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 
@@ -120,6 +122,19 @@ class Surrogate:
         if dtype is not None:
             self.w1_as(dtype)
         return self
+
+    def select_heads(self, first: int, count: int) -> Surrogate:
+        """The surrogate of KV heads ``first .. first + count - 1`` only: the rows of its last
+        layer for those heads (a tensor-parallel rank's shard; the MLP's hidden layer is whole)."""
+        if (first, count) == (0, self.config.output_dim):
+            return self
+        heads = slice(first, first + count)
+        config = dataclasses.replace(self.config, output_dim=count)
+        if self.w2 is None:
+            return Surrogate(config, self.w1[:, heads], self.b1[:, heads], source=self.source)
+        return Surrogate(
+            config, self.w1, self.b1, self.w2[:, heads], self.b2[:, heads], source=self.source
+        )
 
     def w1_as(self, dtype: torch.dtype) -> torch.Tensor:
         """All layers' w1 in ``dtype``, cast once and kept: the GPU paths' matmul operand (bf16
