@@ -78,6 +78,30 @@ def test_cli_flags_reach_additional_config(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "argv, key, value",
+    [
+        (["--kv-pruning-threshold", "-2.5"], "threshold", -2.5),
+        (["--kv-pruning-threshold=-2.5"], "threshold", -2.5),
+        (["--kv-pruning-threshold", "-.5"], "threshold", -0.5),
+        (["--kv-pruning-threshold", "-1e1"], "threshold", -10.0),
+        (["--kv-pruning-threshold", "-inf"], "threshold", -math.inf),
+        (["--kv-pruning-threshold", "-4"], "threshold", -4.0),
+        (["--kv-pruning-threshold", "2.5"], "threshold", 2.5),
+        (["--kv-pruning-ratio", ".5"], "ratio", 0.5),
+        (["--kv-pruning-alpha", "0.25", "--kv-pruning-ratio", "0.5"], "alpha", 0.25),
+    ],
+)
+def test_numeric_flags_parse_negative_and_fractional_values(argv, key, value):
+    """vLLM's parser reads an argument with "-" and "." as a dotted config flag (`-O.level`);
+    the plugin's flags take `-2.5` as a value in both forms (`patches.join_negative_values`)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = _parser().parse_args(["--model", "m", "--kv-pruning", "kvzap-mlp", *argv, "--seed", "1"])
+    options = AsyncEngineArgs.from_cli_args(args).additional_config["kv_pruning"]
+    assert options[key] == value and args.seed == 1
+
+
 def test_cli_without_flags_leaves_additional_config_alone():
     from vllm.engine.arg_utils import AsyncEngineArgs
 

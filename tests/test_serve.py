@@ -194,6 +194,9 @@ def test_help_lists_the_flags():
         (["--kv-pruning", "kvzap-mlp", "--kv-pruning-window", "-1"], "window must be >= 0"),
         (["--kv-pruning", "kvzap-mlp", "--kv-pruning-threshold", "low"], "threshold must be a number"),
         (["--kv-pruning", "kvzap-mlp", "--kv-pruning-surrogate", "/nonexistent/kvzap"], "/nonexistent/kvzap"),
+        # a negative fractional threshold parses (the error is the surrogate's, not the number's)
+        (["--kv-pruning", "kvzap-mlp", "--kv-pruning-threshold", "-2.5",
+          "--kv-pruning-surrogate", "/nonexistent/kvzap"], "/nonexistent/kvzap"),
     ],
 )  # fmt: skip
 def test_bad_command_lines_fail_fast_and_clearly(tiny_model_dir, extra, needle):

@@ -90,6 +90,10 @@ SYMBOLS: dict[str, Symbol] = {
         "vllm.exceptions:VLLMValidationError", calls=("message", "parameter", "value")
     ),
     "vllm_cli_main": Symbol("vllm.entrypoints.cli.main:main"),
+    "FlexibleArgumentParser": Symbol(
+        "vllm.utils.argparse_utils:FlexibleArgumentParser",
+        members=_members(parse_args=("args", "namespace")),
+    ),
     "envs": Symbol(
         "vllm.envs",
         members=_members("VLLM_CPU_ATTN_SPLIT_KV", "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"),

