@@ -12,12 +12,21 @@ surrogate bundled for this model (``vllm_kvzap/surrogates``).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import textwrap
 import time
 from pathlib import Path
 
 from tools.smollm2 import DEFAULT_DIR
+
+# The converted model is stored in float32 (the GGUF's values, losslessly) and served in bfloat16:
+# vLLM warns once per weight tensor about that cast (~120 lines before the answers). Exactly that
+# warning is dropped. At module level, so that vLLM's engine and worker processes, which import
+# this module again when they start, drop it too.
+logging.getLogger("vllm.model_executor.models.utils").addFilter(
+    lambda record: not record.getMessage().startswith("Attempted to load weight")
+)
 
 DEFAULT_THRESHOLD = -4.0  # the plugin default; about half of the judged pairs with the bundled MLP
 PASSAGE = (
