@@ -19,7 +19,8 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from tests.interpreter import run_in_triton_interpreter
-from tests.test_engine_offline import MAX_TOKENS, WINDOW, check_against_reference, prompts
+from tests.test_engine_offline import WINDOW, check_against_reference, prompts
+from tests.test_model_runners import TOKENS
 from vllm_kvzap.config import KVPruningConfig, KVPruningConfigError
 from vllm_kvzap.engine_setup import prepare_engine_args
 
@@ -33,14 +34,14 @@ def cuda_path_run(tiny_model_dir, tmp_path_factory):
     pruning = {"method": "kvzap-mlp", "threshold": -4, "window": WINDOW,
                "surrogate": str(tiny_model_dir["mlp"])}  # fmt: skip
     spec = engine_spec(tiny_model_dir, tmp, "v1", "cuda", pruning, kv_cache_memory_bytes=64 * 2**20)
-    spec.update(prompts=prompts(), max_tokens=MAX_TOKENS)
+    spec.update(prompts=prompts(), max_tokens=TOKENS["cuda"])
     return run_harness(spec, tmp)
 
 
 def test_cuda_path_engine_equals_reference(cuda_path_run, tiny_model_dir):
     assert cuda_path_run["runner_module"] == "vllm.v1.worker.cpu_model_runner"  # V1
     assert cuda_path_run["key_layout"] == "plain"  # the CUDA path's page table really ran
-    fractions = check_against_reference(cuda_path_run, tiny_model_dir, "mlp")
+    fractions = check_against_reference(cuda_path_run, tiny_model_dir, "mlp", TOKENS["cuda"])
     assert max(fractions) > 0.2  # pruning really happened
 
 

@@ -114,10 +114,12 @@ def test_minus_inf_threshold_matches_plain_vllm(baseline, pruned_inf):
         assert pruned["stats"]["pruned_fraction"] == 0.0
 
 
-def check_against_reference(run: dict, tiny, kind: str) -> list[float]:
+def check_against_reference(
+    run: dict, tiny, kind: str, max_tokens: int = MAX_TOKENS
+) -> list[float]:
     fractions = []
     for prompt, result in zip(prompts(), run["results"]):
-        ref = dms_generate(tiny["model"], tiny[kind], prompt, MAX_TOKENS, -4.0, WINDOW)
+        ref = dms_generate(tiny["model"], tiny[kind], prompt, max_tokens, -4.0, WINDOW)
         assert result["tokens"] == ref["output_ids"], f"prompt of {len(prompt)} tokens"
         ref_logprobs = [
             torch.log_softmax(ref["logits"][i], -1)[t].item()
@@ -127,8 +129,8 @@ def check_against_reference(run: dict, tiny, kind: str) -> list[float]:
 
         stats = result["stats"]
         assert stats["num_prompt_tokens"] == len(prompt)
-        assert stats["num_output_tokens"] == MAX_TOKENS
-        assert stats["num_kv_tokens"] == ref["num_kv_tokens"] == len(prompt) + MAX_TOKENS - 1
+        assert stats["num_output_tokens"] == max_tokens
+        assert stats["num_kv_tokens"] == ref["num_kv_tokens"] == len(prompt) + max_tokens - 1
         ref_pairs = [int(m.sum()) for m in ref["pruned_mask"]]
         # equal up to float noise in scores that sit exactly at the threshold
         assert all(abs(a - b) <= 1 for a, b in zip(stats["pruned_pairs_per_layer"], ref_pairs))

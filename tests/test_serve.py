@@ -1,7 +1,10 @@
 """`vllm-kvzap serve` (vLLM's CLI; `vllm serve` on GPU builds) with `--kv-pruning` on loopback.
 
-One server for the module: it answers through the OpenAI-compatible API and writes the request's
-statistics line. Bad command lines end quickly with a one-line error and no traceback.
+One server for the module, with vLLM's data parallelism (`--data-parallel-size 2`: one engine per
+rank, each with its own scheduler, workers and pools, behind one API server): it answers through
+the OpenAI-compatible API and writes each request's statistics line, naming the engine that
+served it; concurrent requests are served by both engines, each pruning as the plain-torch DMS
+reference does. Bad command lines end quickly with a one-line error and no traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,9 +20,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.reference_dms import dms_generate
 
 STARTUP_TIMEOUT_S = 240
 
@@ -87,7 +95,9 @@ def running_server(model_dir, tmp: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with running_server(tiny_model_dir, tmp_path_factory.mktemp("serve")) as srv:
+    # eager: compilation is tested in test_compile.py; two engines start faster without it
+    tmp = tmp_path_factory.mktemp("serve")
+    with running_server(tiny_model_dir, tmp, "--data-parallel-size", "2", "--enforce-eager") as srv:
         yield srv
 
 
@@ -159,23 +169,63 @@ def test_prometheus_metrics_report_pruning(server):
     while True:
         with urllib.request.urlopen(f"{server['base']}/metrics", timeout=10) as resp:
             text = resp.read().decode()
-        values = {}
+        values: dict[str, dict[str, float]] = {}  # metric -> engine label -> value
         for line in text.splitlines():
             if line.startswith("vllm:kv_pruning_"):
                 name, value = line.rsplit(" ", 1)
-                values[name.split("{")[0]] = float(value)
-        if values.get("vllm:kv_pruning_requests_total", 0) >= 1 or time.monotonic() > deadline:
+                engine = re.search(r'engine="(\d+)"', name).group(1)
+                values.setdefault(name.split("{")[0], {})[engine] = float(value)
+        total = {name: sum(by_engine.values()) for name, by_engine in values.items()}
+        if total.get("vllm:kv_pruning_requests_total", 0) >= 1 or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert values["vllm:kv_pruning_requests_total"] >= 1
-    assert values["vllm:kv_pruning_pruned_pairs_total"] > 0
-    assert values["vllm:kv_pruning_kv_pairs_total"] > values["vllm:kv_pruning_pruned_pairs_total"]
-    fraction = values["vllm:kv_pruning_pruned_fraction"]
-    assert fraction == pytest.approx(
-        values["vllm:kv_pruning_pruned_pairs_total"] / values["vllm:kv_pruning_kv_pairs_total"]
-    )
+    assert set(values["vllm:kv_pruning_requests_total"]) == {"0", "1"}  # one series per engine
+    assert total["vllm:kv_pruning_requests_total"] >= 1
+    assert total["vllm:kv_pruning_pruned_pairs_total"] > 0
+    assert total["vllm:kv_pruning_kv_pairs_total"] > total["vllm:kv_pruning_pruned_pairs_total"]
+    for engine, kv_pairs in values["vllm:kv_pruning_kv_pairs_total"].items():
+        if kv_pairs:  # each engine's fraction is its own counters' ratio
+            assert values["vllm:kv_pruning_pruned_fraction"][engine] == pytest.approx(
+                values["vllm:kv_pruning_pruned_pairs_total"][engine] / kv_pairs
+            )
     assert "vllm:kv_pruning_freed_kv_bytes" in values
     assert "vllm:kv_pruning_resident_kv_bytes" in values
+
+
+DP_TOKENS = 16
+DP_PROMPT_LENS = (30, 45, 60, 75, 90, 105)
+
+
+@pytest.fixture(scope="module")
+def concurrent(server, tiny_model_dir):
+    """Six requests at once: the API server spreads them over both engines."""
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(10, 900, (n,), generator=g).tolist() for n in DP_PROMPT_LENS]
+
+    def complete(ids):
+        body = {"model": "tiny", "prompt": ids, "max_tokens": DP_TOKENS, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        resp = post(f"{server['base']}/v1/completions", body)
+        return resp["choices"][0]["token_ids"], wait_for_stats(server["stats_path"], resp["id"])
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return prompts, list(pool.map(complete, prompts))
+
+
+def test_both_engines_serve_and_their_lines_name_them(concurrent):
+    _, results = concurrent
+    assert {stats["engine"] for _, stats in results} == {0, 1}
+
+
+def test_each_engine_prunes_as_the_reference(concurrent, tiny_model_dir):
+    prompts, results = concurrent
+    for prompt, (tokens, stats) in zip(prompts, results):
+        ref = dms_generate(tiny_model_dir["model"], tiny_model_dir["mlp"], prompt, DP_TOKENS,
+                           -4.0, 16)  # fmt: skip
+        assert tokens == ref["output_ids"]
+        ref_pairs = [int(m.sum()) for m in ref["pruned_mask"]]
+        assert all(abs(a - b) <= 1 for a, b in zip(stats["pruned_pairs_per_layer"], ref_pairs))
+        assert sum(ref_pairs) > 0
 
 
 def test_help_lists_the_flags():

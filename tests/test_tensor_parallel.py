@@ -71,6 +71,7 @@ def start_engine(tiny, stats_path, pruning: dict, **kwargs):
         block_size=BLOCK_SIZE,
         tensor_parallel_size=2,
         distributed_executor_backend="mp",
+        enforce_eager=True,  # compilation is tested elsewhere (test_compile.py); starts faster
         seed=0,
         additional_config={"kv_pruning": {**pruning, "stats_path": str(stats_path)}},
         **kwargs,

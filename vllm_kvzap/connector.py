@@ -29,7 +29,7 @@ from vllm_kvzap.compat import (
     KVConnectorWorkerMetadata,
 )
 from vllm_kvzap.config import KVPruningConfig
-from vllm_kvzap.metrics import COUNTERS, KVzapConnectorStats, KVzapPromMetrics
+from vllm_kvzap.metrics import COUNTERS, TOTALS, KVzapConnectorStats, KVzapPromMetrics
 from vllm_kvzap.stats import FinishedRequest, StatsRecorder, request_stats
 
 
@@ -116,6 +116,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         self._manager: KVzapBlockManager | None = None
         self._request_values: dict[str, float] = {}  # scheduler side: by engine request id
         self._counters = dict.fromkeys(COUNTERS, 0)
+        self._since_start = dict.fromkeys(TOTALS, 0)
         self._recorder = (
             StatsRecorder.from_config(self.pruning, _data_parallel_engine(vllm_config))
             if role == KVConnectorRole.SCHEDULER
@@ -300,6 +301,9 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         if self._recorder is None:  # worker side: the scheduler side reports everything
             return None
         data, self._counters = self._counters, dict.fromkeys(COUNTERS, 0)
+        self._since_start["pruned_pairs_since_start"] += data["pruned_pairs"]
+        self._since_start["kv_pairs_since_start"] += data["kv_pairs"]
+        data.update(self._since_start)
         if self._manager is not None:
             held, dense = self._manager.block_usage()
             per_block = self._manager.pages_per_block * self.num_ranks

@@ -18,7 +18,11 @@ from vllm_kvzap.compat import (
 )
 
 COUNTERS = ("finished_requests", "pruned_pairs", "kv_pairs")
-GAUGES = ("resident_kv_bytes", "dense_kv_bytes")
+# the engine's totals since it started: the pruned-fraction gauge is their ratio, whichever of
+# vLLM's API-server processes reports it (with `--api-server-count`/`--data-parallel-size` each
+# sees only some steps' stats, so it cannot sum the counters itself)
+TOTALS = ("pruned_pairs_since_start", "kv_pairs_since_start")
+GAUGES = ("resident_kv_bytes", "dense_kv_bytes", *TOTALS)
 
 
 @dataclass
@@ -53,7 +57,9 @@ class KVzapPromMetrics(KVConnectorPromMetrics):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
         def per_engine(cls, name: str, doc: str):
-            metric = cls(name=name, documentation=doc, labelnames=labelnames)
+            # gauges: one value per engine across API-server processes, the latest (as vLLM's)
+            extra = {} if cls is self._counter_cls else {"multiprocess_mode": "mostrecent"}
+            metric = cls(name=name, documentation=doc, labelnames=labelnames, **extra)
             return create_metric_per_engine(metric, per_engine_labelvalues)
 
         self.counters = {
@@ -83,18 +89,15 @@ class KVzapPromMetrics(KVConnectorPromMetrics):
                 "KV cache bytes running requests would hold in plain vLLM, minus what they hold.",
             ),
         }  # fmt: skip
-        self._totals: dict[int, list[int]] = {}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
         d = transfer_stats_data
         for key, metric in self.counters.items():
             if d.get(key):
                 metric[engine_idx].inc(d[key])
-        totals = self._totals.setdefault(engine_idx, [0, 0])
-        totals[0] += d.get("pruned_pairs", 0)
-        totals[1] += d.get("kv_pairs", 0)
-        if totals[1]:
-            self.pruned_fraction[engine_idx].set(totals[0] / totals[1])
+        if d.get("kv_pairs_since_start"):
+            fraction = d["pruned_pairs_since_start"] / d["kv_pairs_since_start"]
+            self.pruned_fraction[engine_idx].set(fraction)
         if "resident_kv_bytes" in d:
             resident, dense = d["resident_kv_bytes"], d.get("dense_kv_bytes", 0)
             self.gauges["resident_kv_bytes"][engine_idx].set(resident)

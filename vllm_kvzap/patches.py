@@ -4,7 +4,8 @@ Checked against vLLM 0.32.0, 0.33.0 and 0.34.0 (`tools/check_vllm_api.py` verifi
 patched methods exist there with the parameters used here). vLLM has no official hook for:
 - extra CLI flags (`EngineArgs.add_cli_args` is wrapped; vLLM loads general plugins before it
   builds the parser precisely so that plugins can extend it), and carrying their values into
-  `additional_config` (`EngineArgs.from_cli_args`);
+  `additional_config` (`FlexibleArgumentParser.parse_args`, so that the namespace vLLM hands to
+  its API-server processes carries them; and `EngineArgs.from_cli_args` for other parsers);
 - adjusting the engine configuration when pruning is on (`EngineArgs.create_engine_config`):
   turning off what assumes every token stays resident, naming the plugin's KV connector, and
   checking the surrogate against the model before any engine process starts;
@@ -139,8 +140,16 @@ def join_negative_values(args: list[str]) -> list[str]:
 def _wrap_parse_args(orig):
     @functools.wraps(orig)
     def parse_args(self, args=None, namespace=None):
+        from vllm_kvzap.cli import merge_cli_args_into
+
         args = sys.argv[1:] if args is None else args
-        return orig(self, join_negative_values(list(args)), namespace)
+        parsed = orig(self, join_negative_values(list(args)), namespace)
+        # The flags' values go into the parsed `additional_config` at once: processes that vLLM
+        # starts with this namespace (the API servers of `--data-parallel-size`/
+        # `--api-server-count`) build their engine arguments before they load plugins, so
+        # `from_cli_args` is not yet wrapped there.
+        merge_cli_args_into(parsed, parsed)
+        return parsed
 
     return _mark(parse_args)
 
