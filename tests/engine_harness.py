@@ -30,6 +30,8 @@ between phases and at the end.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import sys
@@ -141,6 +143,23 @@ def run_non_scheduled_forwards(llm) -> dict:
     return {"forwards": done, "runner_class": f"{type(runner).__module__}.{type(runner).__name__}"}
 
 
+@contextlib.contextmanager
+def counting_preemptions(scheduler):
+    """The ids of the requests the scheduler preempts inside the block, in order."""
+    preempted: list[str] = []
+    orig = scheduler._preempt_request
+
+    def counting_preempt(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return orig(request, *args, **kwargs)
+
+    scheduler._preempt_request = counting_preempt
+    try:
+        yield preempted
+    finally:
+        scheduler._preempt_request = orig
+
+
 def drain(llm) -> None:
     """Engine steps until finished requests have been reported and released."""
     core = llm.llm_engine.engine_core.engine_core
@@ -178,13 +197,6 @@ def run_pressure(llm, spec: dict) -> dict:
 
     core = llm.llm_engine.engine_core.engine_core
     scheduler = core.scheduler
-    preempted = []
-    orig = scheduler._preempt_request
-
-    def counting_preempt(request, *args, **kwargs):
-        preempted.append(request.request_id)
-        return orig(request, *args, **kwargs)
-
     pressure = spec["pressure"]
     g = torch.Generator().manual_seed(3)
     many = [
@@ -197,12 +209,9 @@ def run_pressure(llm, spec: dict) -> dict:
                        extra_args=None if v is None else {"kv_pruning": v})
         for v in pressure["values"]
     ]  # fmt: skip
-    scheduler._preempt_request = counting_preempt
-    try:
+    with counting_preemptions(scheduler) as preempted:
         outs = llm.generate([{"prompt_token_ids": p} for p in many], each, use_tqdm=False)
         drain(llm)
-    finally:
-        scheduler._preempt_request = orig
     completed = [len(o.outputs[0].token_ids) for o in outs]
     after_batch = pool_counts(llm)
 

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from tests.engine_harness import drain
+from tests.engine_harness import counting_preemptions, drain
 from tests.reference_dms import dms_generate
 
 WINDOW = 16
@@ -150,24 +150,14 @@ def test_preemption_recomputes_and_frees_everything(engine):
     block_pool, paged = pools(llm)
     before = (block_pool.get_num_free_blocks(), paged.num_free)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    preemptions = []
-    orig = scheduler._preempt_request
-
-    def counting_preempt(request, *args, **kwargs):
-        preemptions.append(request.request_id)
-        return orig(request, *args, **kwargs)
-
-    scheduler._preempt_request = counting_preempt
-    try:
-        g = torch.Generator().manual_seed(2)
-        many = [torch.randint(10, 900, (400,), generator=g).tolist() for _ in range(10)]
-        values = ["none" if i % 2 else -3.0 for i in range(len(many))]
-        params = [SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True,
-                                 extra_args={"kv_pruning": v}) for v in values]  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    many = [torch.randint(10, 900, (400,), generator=g).tolist() for _ in range(10)]
+    values = ["none" if i % 2 else -3.0 for i in range(len(many))]
+    params = [SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True,
+                             extra_args={"kv_pruning": v}) for v in values]  # fmt: skip
+    with counting_preemptions(scheduler) as preemptions:
         outs = llm.generate([{"prompt_token_ids": p} for p in many], params)
         drain(llm)
-    finally:
-        scheduler._preempt_request = orig
     assert all(len(o.outputs[0].token_ids) == 200 for o in outs)
     assert preemptions, "the workload was meant to preempt; shrink the budget"
     ids = {o.request_id for o in outs}

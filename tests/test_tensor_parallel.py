@@ -25,7 +25,7 @@ import os
 import pytest
 import torch
 
-from tests.engine_harness import drain
+from tests.engine_harness import counting_preemptions, drain
 from tests.reference_dms import dms_generate
 from tests.test_paged_memory import expected_end_pages
 from vllm_kvzap.stats import wait_for_stats
@@ -212,16 +212,8 @@ def test_preemption_and_aborts_free_every_ranks_pages(engine):
     llm, stats_path = engine
     before = free_counts(llm)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    preemptions = []
-    orig = scheduler._preempt_request
-
-    def counting_preempt(request, *args, **kwargs):
-        preemptions.append(request.request_id)
-        return orig(request, *args, **kwargs)
-
-    scheduler._preempt_request = counting_preempt
     engine_ = llm.llm_engine
-    try:
+    with counting_preemptions(scheduler) as preemptions:
         g = torch.Generator().manual_seed(4)
         for i in range(8):  # every other request unpruned: dense, growing memory
             params = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True,
@@ -237,8 +229,6 @@ def test_preemption_and_aborts_free_every_ranks_pages(engine):
                 if o.finished:
                     finished[o.request_id] = len(o.outputs[0].token_ids)
         drain(llm)
-    finally:
-        scheduler._preempt_request = orig
     assert preemptions, "the workload was meant to preempt; shrink the budget"
     assert finished == {f"tp-{i}": 120 for i in range(8) if i not in (1, 6)}
     assert free_counts(llm) == before

@@ -52,7 +52,27 @@ def _members(*names: str, **methods: tuple[str, ...]) -> dict[str, tuple[str, ..
     return {**dict.fromkeys(names), **methods}
 
 
+def _cpu_op(name: str, *calls: str) -> Symbol:
+    """One of vLLM's CPU attention ops, called with `calls`."""
+    return Symbol(
+        f"vllm._custom_ops:{name}",
+        moved={(0, 34): f"vllm._cpu_ops:{name}"},
+        calls=calls,
+        note="0.34 moved the CPU ops from vllm._custom_ops to vllm._cpu_ops",
+    )
+
+
 _BACKEND_CLASS = _members("get_name", "get_impl_cls", "get_builder_cls", customize_spec=("spec",))
+# what the plugin reads and overrides on both attention impls (`paged_step.unsupported_features`)
+_IMPL_CLASS = _members(
+    "attn_type", "kv_cache_dtype", "sliding_window", "logits_soft_cap", "alibi_slopes", "sinks",
+    "num_heads", "head_size", "scale",
+    do_kv_cache_update=("layer", "key", "value", "kv_cache", "slot_mapping"),
+    forward=(
+        "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+        "output_block_scale",
+    ),
+)  # fmt: skip
 _CONNECTOR_BASE = "vllm.distributed.kv_transfer.kv_connector.v1.base"
 
 SYMBOLS: dict[str, Symbol] = {
@@ -150,17 +170,8 @@ SYMBOLS: dict[str, Symbol] = {
         "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend", members=_BACKEND_CLASS
     ),
     "CPUAttentionBackendImpl": Symbol(
-        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl",
-        members=_members(
-            "attn_type", "kv_cache_dtype", "sliding_window", "logits_soft_cap", "alibi_slopes",
-            "sinks", "num_heads", "head_size", "scale",
-            do_kv_cache_update=("layer", "key", "value", "kv_cache", "slot_mapping"),
-            forward=(
-                "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
-                "output_scale", "output_block_scale",
-            ),
-        ),
-    ),  # fmt: skip
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl", members=_IMPL_CLASS
+    ),
     "CPUAttentionMetadata": Symbol("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata"),
     "CPUAttentionMetadataBuilder": Symbol(
         "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder",
@@ -177,17 +188,8 @@ SYMBOLS: dict[str, Symbol] = {
     ),
     "TritonAttentionImpl": Symbol(
         "vllm.v1.attention.backends.triton_attn:TritonAttentionImpl",
-        members=_members(
-            "attn_type", "kv_cache_dtype", "sliding_window", "chunk_lookback", "logits_soft_cap",
-            "alibi_slopes", "sinks", "num_heads", "head_size", "scale",
-            fused_rope_kvcache_supported=(),
-            do_kv_cache_update=("layer", "key", "value", "kv_cache", "slot_mapping"),
-            forward=(
-                "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
-                "output_scale", "output_block_scale",
-            ),
-        ),
-    ),  # fmt: skip
+        members={**_IMPL_CLASS, **_members("chunk_lookback", fused_rope_kvcache_supported=())},
+    ),
     "TritonAttentionMetadata": Symbol("vllm.v1.attention.backends.triton_attn:TritonAttentionMetadata"),
     "TritonAttentionMetadataBuilder": Symbol(
         "vllm.v1.attention.backends.triton_attn:TritonAttentionMetadataBuilder",
@@ -213,31 +215,21 @@ SYMBOLS: dict[str, Symbol] = {
             "softmax_segm_output", "softmax_segm_max", "softmax_segm_expsum",
         ),
     ),  # fmt: skip
-    "cpu_attn_get_scheduler_metadata": Symbol(
-        "vllm._custom_ops:cpu_attn_get_scheduler_metadata",
-        moved={(0, 34): "vllm._cpu_ops:cpu_attn_get_scheduler_metadata"},
-        calls=(
-            "num_reqs", "num_heads", "num_kv_heads", "head_dim", "seq_lens", "dtype",
-            "query_start_loc", "causal", "sliding_window_size", "isa", "enable_kv_split",
-        ),
-        note="0.34 moved the CPU ops from vllm._custom_ops to vllm._cpu_ops",
-    ),  # fmt: skip
-    "cpu_attention_with_kv_cache": Symbol(
-        "vllm._custom_ops:cpu_attention_with_kv_cache",
-        moved={(0, 34): "vllm._cpu_ops:cpu_attention_with_kv_cache"},
-        calls=(
-            "query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens",
-            "scale", "causal", "alibi_slopes", "sliding_window", "block_table", "softcap",
-            "scheduler_metadata", "s_aux",
-        ),
-        note="0.34 moved the CPU ops from vllm._custom_ops to vllm._cpu_ops",
-    ),  # fmt: skip
-    "cpu_attn_reshape_and_cache": Symbol(
-        "vllm._custom_ops:cpu_attn_reshape_and_cache",
-        moved={(0, 34): "vllm._cpu_ops:cpu_attn_reshape_and_cache"},
-        calls=("key", "value", "key_cache", "value_cache", "slot_mapping", "isa"),
-        note="0.34 moved the CPU ops from vllm._custom_ops to vllm._cpu_ops",
+    "cpu_attn_get_scheduler_metadata": _cpu_op(
+        "cpu_attn_get_scheduler_metadata",
+        "num_reqs", "num_heads", "num_kv_heads", "head_dim", "seq_lens", "dtype",
+        "query_start_loc", "causal", "sliding_window_size", "isa", "enable_kv_split",
     ),
+    "cpu_attention_with_kv_cache": _cpu_op(
+        "cpu_attention_with_kv_cache",
+        "query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens", "scale",
+        "causal", "alibi_slopes", "sliding_window", "block_table", "softcap",
+        "scheduler_metadata", "s_aux",
+    ),
+    "cpu_attn_reshape_and_cache": _cpu_op(
+        "cpu_attn_reshape_and_cache",
+        "key", "value", "key_cache", "value_cache", "slot_mapping", "isa",
+    ),  # fmt: skip
     "direct_register_custom_op": Symbol(
         "vllm.utils.torch_utils:direct_register_custom_op",
         calls=("op_name", "op_func", "mutates_args", "fake_impl", "target_lib"),
