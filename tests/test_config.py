@@ -102,6 +102,16 @@ def test_numeric_flags_parse_negative_and_fractional_values(argv, key, value):
     assert options[key] == value and args.seed == 1
 
 
+def test_parsed_namespace_already_carries_the_flags():
+    """vLLM hands the parsed namespace to its API-server processes, which build their engine
+    arguments before they load plugins: the flags must be in `additional_config` already."""
+    args = _parser().parse_args(
+        ["--model", "m", "--kv-pruning", "kvzap-mlp", "--kv-pruning-window", "8",
+         "--additional-config", json.dumps({"other": 1})]
+    )  # fmt: skip
+    assert args.additional_config == {"other": 1, "kv_pruning": {"method": "kvzap-mlp", "window": 8}}
+
+
 def test_cli_without_flags_leaves_additional_config_alone():
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -124,12 +134,17 @@ def test_cli_rejects_bad_values(argv, capsys):
     assert "--kv-pruning" in capsys.readouterr().err
 
 
-def test_cli_option_without_method_is_an_error():
+def _from_cli(argv: list[str]):
+    """Engine arguments from a command line; bad kv_pruning flags fail as soon as vLLM's parser
+    returns (the flags are merged into `additional_config` there, `patches._wrap_parse_args`)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    args = _parser().parse_args(["--model", "m", "--kv-pruning-window", "32"])
+    return AsyncEngineArgs.from_cli_args(_parser().parse_args(argv))
+
+
+def test_cli_option_without_method_is_an_error():
     with pytest.raises(KVPruningConfigError, match="--kv-pruning-window given but pruning is off"):
-        AsyncEngineArgs.from_cli_args(args)
+        _from_cli(["--model", "m", "--kv-pruning-window", "32"])
 
 
 def _engine_args(tiny_model_dir, **pruning):
@@ -369,23 +384,17 @@ def test_cli_ratio_flags_reach_additional_config():
     ],
 )
 def test_cli_ratio_conflicts_are_errors(argv, needle):
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    args = _parser().parse_args(["--model", "m", "--kv-pruning", "kvzap-mlp", *argv])
     with pytest.raises(KVPruningConfigError, match=needle):
-        AsyncEngineArgs.from_cli_args(args)
+        _from_cli(["--model", "m", "--kv-pruning", "kvzap-mlp", *argv])
 
 
 def test_cli_ratio_conflicts_with_additional_config_threshold():
     """A threshold given through additional_config and a ratio on the command line are both given."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    args = _parser().parse_args(
-        ["--model", "m", "--additional-config", json.dumps({"kv_pruning": {"threshold": -5}}),
-         "--kv-pruning", "kvzap-mlp", "--kv-pruning-ratio", "0.5"]
-    )  # fmt: skip
     with pytest.raises(KVPruningConfigError, match="cannot be combined with threshold"):
-        AsyncEngineArgs.from_cli_args(args)
+        _from_cli(
+            ["--model", "m", "--additional-config", json.dumps({"kv_pruning": {"threshold": -5}}),
+             "--kv-pruning", "kvzap-mlp", "--kv-pruning-ratio", "0.5"]
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -404,11 +413,8 @@ def test_cli_rejects_bad_ratio_values(argv, capsys):
 
 
 def test_cli_ratio_without_method_is_an_error():
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    args = _parser().parse_args(["--model", "m", "--kv-pruning-ratio", "0.5"])
     with pytest.raises(KVPruningConfigError, match="--kv-pruning-ratio given but pruning is off"):
-        AsyncEngineArgs.from_cli_args(args)
+        _from_cli(["--model", "m", "--kv-pruning-ratio", "0.5"])
 
 
 def test_engine_config_keeps_the_ratio(tiny_model_dir):
