@@ -202,12 +202,8 @@ class TensorParallelHeads:
         size = get_tensor_model_parallel_world_size()
         if size == 1:
             return None
-        if total_kv_heads % size:
-            raise ValueError(
-                f"kv_pruning with tensor parallelism needs the model's {total_kv_heads} KV heads "
-                f"split evenly over the {size} ranks (each rank prunes its own heads); "
-                f"use a tensor parallel size that divides {total_kv_heads}"
-            )
+        # refused before any worker starts (`engine_setup.finish_vllm_config`)
+        assert total_kv_heads % size == 0, (total_kv_heads, size)
         count = total_kv_heads // size
         return cls(get_tensor_model_parallel_rank() * count, count, total_kv_heads)
 
