@@ -14,7 +14,8 @@ Semantics implemented (see /work/shared/DESIGN.md section 1 and kvpress ``dms_pr
 * Surrogate: the KVzap checkpoint (``config.json`` + ``model.safetensors``) is applied to each layer's
   self-attention input (the ``input_layernorm`` output), giving float32 scores ``[T, H_kv]``.
   Linear: ``layers.{i}.weight/bias``; MLP: ``layers.{i}.0.*`` -> exact (erf) GELU -> ``layers.{i}.2.*``.
-* Prefill is dense: every prompt token attends causally to the whole prompt.
+* Prefill is dense: every prompt token attends causally to the whole prompt. With ``prefill_chunks`` the
+  prompt is fed in chunks instead, each a step under the rule below (the plugin's chunked prefill).
 * After a layer's attention for the current step, every token older than the newest ``window`` tokens
   (the token just written included) that was not judged yet is judged once: pruned iff
   ``score < threshold`` (strict). A pruned (layer, KV head, token) is masked from the NEXT step on and
@@ -356,6 +357,7 @@ def dms_generate(
     forced_tokens: list[int] | None = None,
     ratio: float | None = None,
     alpha: float = 0.2,
+    prefill_chunks: list[int] | None = None,
 ) -> dict:
     """Greedy generation under DMSPress(KVzapPress, threshold, sliding_window_size=window, decoding=True).
 
@@ -371,6 +373,11 @@ def dms_generate(
     (questions asked during decoding; the -1 steps are the model's own answers).
 
     ``ratio`` (with ``threshold`` and ``window`` left out): ratio mode, see the module docstring.
+
+    ``prefill_chunks`` (sizes summing to the prompt's length; threshold mode): the prompt is fed in
+    these chunks, one step each, instead of at once, and the rule above applies after every step:
+    after a chunk's attention, the prompt tokens older than the newest ``window`` are judged and the
+    pruned ones are masked from the next chunk on (the plugin's ``prefill: chunked``).
     """
     m = load_model(model_dir)
     if method not in ("kvzap", "window", "knorm", "random"):
@@ -406,6 +413,11 @@ def dms_generate(
     else:
         eos = {int(e) for e in eos_token_id}
     threshold = float(threshold)
+    chunks = [len(prompt_ids)] if prefill_chunks is None else [int(c) for c in prefill_chunks]
+    if sum(chunks) != len(prompt_ids) or min(chunks) < 1:
+        raise ValueError(f"prefill_chunks {chunks} do not split a prompt of {len(prompt_ids)}")
+    if len(chunks) > 1 and ratio is not None:
+        raise ValueError("ratio mode judges the whole prompt at once: no prefill_chunks")
 
     L, H_kv, d = m.n_layers, m.n_kv, m.head_dim
     cap = len(prompt_ids) + max_new_tokens
@@ -418,7 +430,7 @@ def dms_generate(
 
     output_ids: list[int] = []
     step_logits: list[torch.Tensor] = []
-    new_ids = prompt_ids
+    new_ids, later_chunks = prompt_ids[: chunks[0]], iter(chunks[1:])
     while True:
         T = len(new_ids)
         pos = torch.arange(n, n + T)
@@ -457,6 +469,9 @@ def dms_generate(
                 n_judged[li] = limit
             h = h + m.mlp(layer, m.rms_norm(h, layer.post_norm))
         n = end
+        if n < len(prompt_ids):  # the prompt's next chunk
+            new_ids = prompt_ids[n : n + next(later_chunks)]
+            continue
         last = m.logits(h[-1:])[0].clone()
         step_logits.append(last)
         i = len(output_ids)

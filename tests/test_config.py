@@ -65,7 +65,7 @@ def test_cli_flags_reach_additional_config(tmp_path):
     args = _parser().parse_args(
         ["--model", "m", "--kv-pruning", "kvzap-linear", "--kv-pruning-threshold", "-7",
          "--kv-pruning-window", "64", "--kv-pruning-surrogate", "some/dir",
-         "--kv-pruning-stats", str(tmp_path / "s.jsonl")]
+         "--kv-pruning-stats", str(tmp_path / "s.jsonl"), "--kv-pruning-prefill", "chunked"]
     )  # fmt: skip
     engine_args = AsyncEngineArgs.from_cli_args(args)
     options = engine_args.additional_config["kv_pruning"]
@@ -75,6 +75,7 @@ def test_cli_flags_reach_additional_config(tmp_path):
         window=64,
         surrogate="some/dir",
         stats_path=str(tmp_path / "s.jsonl"),
+        prefill="chunked",
     )
 
 
@@ -125,6 +126,7 @@ def test_cli_without_flags_leaves_additional_config_alone():
         ["--kv-pruning", "bogus"],
         ["--kv-pruning", "kvzap-mlp", "--kv-pruning-window", "-3"],
         ["--kv-pruning", "kvzap-mlp", "--kv-pruning-threshold", "abc"],
+        ["--kv-pruning", "kvzap-mlp", "--kv-pruning-prefill", "sparse"],
     ],
 )
 def test_cli_rejects_bad_values(argv, capsys):
@@ -282,7 +284,9 @@ def test_ratio_mode_options():
     assert c.describe_rule() == "ratio 0.5, alpha 0.2 (prompt only)"
     t = KVPruningConfig.from_dict({"method": "kvzap-mlp"})
     assert not t.ratio_mode and t.rule == "threshold" and t.ratio is None
-    assert t.rule_settings() == {"rule": "threshold", "threshold": -4.0, "window": 128}
+    assert t.rule_settings() == {
+        "rule": "threshold", "threshold": -4.0, "window": 128, "prefill": "dense"
+    }  # fmt: skip
     assert t.describe_rule() == "threshold -4, window 128"
     assert KVPruningConfig().rule == "none" and not KVPruningConfig().ratio_mode
     for method in ("kvzap-linear", "knorm", "random"):
@@ -423,3 +427,31 @@ def test_engine_config_keeps_the_ratio(tiny_model_dir):
     assert resolved.ratio_mode and (resolved.ratio, resolved.alpha) == (0.4, 0.3)
     assert (resolved.threshold, resolved.window) == (-math.inf, 0)
     assert resolved.surrogate == str(tiny_model_dir["mlp"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts pruned while they are prefilled: `prefill`
+# --------------------------------------------------------------------------------------------------
+
+
+def test_prefill_option():
+    c = KVPruningConfig.from_dict({"method": "kvzap-mlp", "prefill": "chunked"})
+    assert c.prefill == "chunked" and KVPruningConfig.from_dict(c.to_dict()) == c
+    assert c.rule_settings()["prefill"] == "chunked"
+    assert c.describe_rule() == "threshold -4, window 128, chunked prefill"
+    assert KVPruningConfig.from_dict({"method": "kvzap-mlp"}).prefill == "dense"
+    ratio = KVPruningConfig.from_dict({"method": "kvzap-mlp", "ratio": 0.5, "prefill": "dense"})
+    assert ratio.prefill == "dense"
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"prefill": "chunk"}, r"unknown kv_pruning prefill 'chunk'; choose one of \['dense', 'chunked'\]"),
+        ({"prefill": "chunked", "ratio": 0.5}, "threshold mode and paged mode only, not with a ratio"),
+        ({"prefill": "chunked", "mode": "mask"}, "not with mode 'mask'"),
+    ],
+)
+def test_prefill_option_errors(options, match):
+    with pytest.raises(KVPruningConfigError, match=match):
+        KVPruningConfig.from_dict({"method": "kvzap-mlp", **options})

@@ -40,7 +40,7 @@ class Sim:
     """Requests with fixed scores/keys/values per (layer, position, head)."""
 
     def __init__(self, prompt_lens, steps, window, seed=0, threshold=0.0, layout=LAYOUTS[0],
-                 nb=NB, chunk=None, ratio=None):  # fmt: skip
+                 nb=NB, chunk=None, ratio=None, prefill="dense"):  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         self.bs, self.isa = layout
         self.window, self.threshold = window, threshold
@@ -59,17 +59,28 @@ class Sim:
         self.buf = torch.zeros(L, nb, H, self.bs, page_cell(D, torch.float32))
         key_layout = "plain" if self.isa == "triton" else "transposed"
         self.table = PageTable([self.buf[i] for i in range(L)], window, threshold, 8, 1024,
-                               key_layout=key_layout, chunk=chunk, ratio=ratio)  # fmt: skip
-        self.ratio = ratio
+                               key_layout=key_layout, chunk=chunk, ratio=ratio,
+                               prefill=prefill)  # fmt: skip
+        self.ratio, self.prefill = ratio, prefill
         if ratio is not None:  # ratio mode (window 0): AdaKV over each prompt, kvpress's rule
             self.prompt_keep = [
                 reference_keep(self.scores[r : r + 1, :, :P], [P], ratio, 0.2)[0]
                 for r, P in enumerate(prompt_lens)
             ]  # [L, P, H] each
 
-    def visible(self, r: int, layer: int, h: int, n_written: int, decoding: bool) -> set[int]:
+    def kept(self, r: int, layer: int, h: int, p: int) -> bool:
+        return bool(self.scores[r, layer, p, h] >= self.threshold)
+
+    def visible(self, r, layer, h, n_written, decoding: bool, computed: int = 0) -> set[int]:
         if not decoding:
-            return set(range(n_written))
+            if self.prefill == "dense":
+                return set(range(n_written))
+            # chunked: the tokens older than the window before this chunk were judged after
+            # their chunk; the window before the chunk and the chunk itself are all there
+            judged = max(computed - self.window, 0)
+            return {p for p in range(judged) if self.kept(r, layer, h, p)} | set(
+                range(judged, n_written)
+            )
         n = n_written - 1  # the new token's position
         if self.ratio is not None:  # the prompt's AdaKV survivors, and everything generated
             P = self.prompt_lens[r]
@@ -121,7 +132,7 @@ def run_step(sim: Sim, batch: list[tuple[int, int, int, bool]]):
                 slots = torch.arange(n_res)
                 ids = table.key_at(pages[slots // bs].long(), slots % bs)[:, 0].tolist()
                 positions = sorted(int(i - 1 - 10_000 * layer - 1_000_000 * h) for i in ids)
-                assert positions == sorted(sim.visible(r, layer, h, c + q, decoding)), (
+                assert positions == sorted(sim.visible(r, layer, h, c + q, decoding, c)), (
                     r, layer, h, c, q,
                 )  # fmt: skip
                 # the kernel's output against dense softmax over exactly those positions
@@ -207,11 +218,13 @@ def test_cuda_path_rows_in_triton_unified_attention(window):
 
 
 def scenario(
-    window: int, layout, prompt_lens: list[int], steps: int, chunk=None, ratio=None
-) -> None:
-    sim = Sim(prompt_lens, steps, window, seed=window, layout=layout, chunk=chunk, ratio=ratio)
+    window: int, layout, prompt_lens: list[int], steps: int, chunk=None, ratio=None,
+    prefill="dense", prompt_chunk=50,
+) -> None:  # fmt: skip
+    sim = Sim(prompt_lens, steps, window, seed=window, layout=layout, chunk=chunk, ratio=ratio,
+              prefill=prefill)  # fmt: skip
     BS = sim.bs
-    chunk = 50
+    chunk = prompt_chunk
     state = {r: 0 for r in range(len(prompt_lens))}  # tokens computed
     total = {r: n + steps for r, n in enumerate(prompt_lens)}
     reports = {}
@@ -226,19 +239,34 @@ def scenario(
         plan = run_step(sim, batch)
         del plan
         # a decoding step holds at most what the scheduler reserved from the last report
-        # (`cache/manager.py`: at least the dense size on the first one; prompt chunks: dense)
+        # (`cache/manager.py`: at least the dense size on the first one; prompt chunks: dense,
+        # or with chunked prefill the compacted pages so far plus the chunk's dense pages)
         pages = sim.table.num_pages.sum((0, 2))
         for r, c, q, pre in batch:
             key = 1 + 3 * r
             held = int(pages[int(sim.table.slot_of_key[key])])
             dense_pages = L * H * -(-(c + q) // BS)
+            report = reports.get(key)
             if q == 1 and not pre:
-                report = reports[key]
                 bound = max(report.next_pages, dense_pages) if report.dense else report.next_pages
                 assert held <= bound, (r, c, held, report)
+            elif report is not None and not report.dense:
+                assert held <= report.pages + L * H * -(-q // BS), (r, c, held, report)
             else:
                 assert held <= dense_pages
+        sim.table.finish_step()  # after the forward pass (the KV connector's worker metadata)
         reports = sim.table.reports()
+        if prefill == "chunked":  # prompt rows hold their kept pairs and window, compacted
+            for r, c, q, pre in batch:
+                if q == 1 and not pre:
+                    continue
+                n, judged = c + q, max(c + q - window, 0)
+                want = sum(
+                    -(-(sum(sim.kept(r, layer, h, p) for p in range(judged)) + n - judged) // BS)
+                    for layer in range(L)
+                    for h in range(H)
+                )
+                assert reports[1 + 3 * r].pages == want and not reports[1 + 3 * r].dense
         check_pool(sim.table)
         for r, c, q, _ in batch:
             state[r] = c + q
@@ -316,3 +344,54 @@ def test_null_block_pages_are_never_handed_out():
     }
     assert not null & ids
     assert len(ids) == L * (NB - 1) * H
+
+
+@pytest.mark.parametrize(
+    "window,prompt_chunk,layout",
+    [(0, 50, LAYOUTS[1]), (5, 50, LAYOUTS[0]), (40, 16, LAYOUTS[1]), (200, 50, LAYOUTS[0])],
+    ids=lambda x: x[1] if isinstance(x, tuple) else str(x),
+)
+def test_chunked_prefill_rows_expose_what_each_chunk_kept(window, prompt_chunk, layout):
+    """`prefill: chunked`: after each prompt chunk, the tokens that left the window are judged and
+    the pruned ones freed, so the next chunk sees the kept pairs, the window and itself; decoding
+    then goes on as with a dense prompt. Chunks that divide prompts (100 / 50, 48 / 16) and that
+    do not (130 / 50), with prompts and decoding mixed in steps."""
+    scenario(window, layout, [3, 45, 100, 130], steps=30, prefill="chunked",
+             prompt_chunk=prompt_chunk)  # fmt: skip
+
+
+def test_chunked_prefill_in_small_pieces(monkeypatch):
+    monkeypatch.setattr(page_table, "WORK_ENTRIES", 48)
+    monkeypatch.setattr(page_table, "MOVE_PAIRS", 5)
+    scenario(5, LAYOUTS[1], [3, 45, 130], steps=10, chunk=2, prefill="chunked", prompt_chunk=20)
+
+
+def test_chunked_prefill_preempted_mid_prompt_restarts():
+    """A request preempted mid-prompt gives everything back and recomputes from its first token
+    (its slot is stale), compacting chunk by chunk again."""
+    sim = Sim([90, 20], 10, window=8, seed=5, prefill="chunked")
+    run_step(sim, [(0, 0, 40, True)])
+    sim.table.finish_step()
+    sim.table.reports()
+    run_step(sim, [(0, 40, 30, True)])
+    sim.table.finish_step()
+    sim.table.reports()
+    sim.table.release_keys([1])  # preempted
+    check_pool(sim.table)
+    assert sim.table.num_free == sim.table.capacity
+    for c, q in ((0, 50), (50, 40)):
+        run_step(sim, [(0, c, q, True)] + ([(1, 0, 20, True)] if c == 0 else []))
+        sim.table.finish_step()
+        sim.table.reports()
+        check_pool(sim.table)
+    run_step(sim, [(0, 90, 1, False), (1, 20, 1, False)])
+    pruned, peak, end = sim.table.finished_counts(1)
+    keep = sim.scores[0, :, : 91 - 8] >= 0
+    assert pruned == (~keep).sum((1, 2)).tolist() and end <= peak
+    sim.table.release_keys([1, 4])
+    assert sim.table.num_free == sim.table.capacity
+
+
+def test_chunked_prefill_refuses_ratio_mode():
+    with pytest.raises(ValueError, match="prefill"):
+        Sim([10], 1, window=0, ratio=0.5, prefill="chunked")

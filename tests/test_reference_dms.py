@@ -181,16 +181,24 @@ except Exception:  # pragma: no cover - depends on the transformers version
     pass
 
 
-def _rule_allowed(masks, prompt_len: int, window: int, n: int):
+def _rule_allowed(masks, prompt_len: int, window: int, n: int, chunks=None):
     """Per layer bool [H_kv, n, n]: may query t see key p, given the final pruned masks.
 
-    Key p is judged after the attention of the step whose newest token is c(p) = max(P - 1, p + window)
-    and, if pruned, is masked for every query t > c(p).
+    Key p is judged after the attention of the first step that ends past p + window (steps: the
+    prompt at once, or its `chunks`, then one per generated token); its newest token is c(p)
+    (dense prompt: max(P - 1, p + window)). If pruned, p is masked for every query t > c(p).
     """
+    ends, total = [], 0
+    for size in chunks or [prompt_len]:
+        total += size
+        ends.append(total)
+    ends = torch.tensor(ends + list(range(prompt_len + 1, n + 1)))
+    p = torch.arange(n)
+    later = [ends[ends > q + window] for q in p.tolist()]  # steps ending past the window
+    newest = torch.tensor([int(e.min()) - 1 if e.numel() else n for e in later])
     t = torch.arange(n)[:, None]
-    p = torch.arange(n)[None, :]
-    causal = p <= t
-    judged_before = t > torch.clamp(p + window, min=prompt_len - 1)  # [n, n]
+    causal = p[None, :] <= t
+    judged_before = t > newest[None, :]  # [n, n]
     return [causal[None] & ~(mk[:, None, :] & judged_before[None]) for mk in masks]
 
 
@@ -533,3 +541,45 @@ def test_ratio_mode_on_the_plugin_tiny_model(tiny_model_dir):
     for li, mk in enumerate(res["pruned_mask"]):
         assert torch.equal(mk[:, :P], ref_adakv.layer_pruned_mask(res["scores"][li][:P], 0.7, 0.2).t())
         assert not mk[:, P:].any() and int(mk.sum()) == mk.shape[0] * (P - n_kept)
+
+
+@pytest.mark.parametrize(
+    "kind,window,chunks", [("mlp", 3, [7, 7, 10]), ("linear", 0, [5, 19]), ("mlp", 6, [8, 8, 8])]
+)
+def test_chunked_prefill_is_fixed_point_of_transformers_masked_forward(tiny, kind, window, chunks):
+    """`prefill_chunks`: after each chunk, the prompt tokens older than the window are judged; the
+    later chunks' queries do not see the pruned ones. Teacher-forced transformers with exactly
+    those masks gives the same logits, and its scores give back the same pruned pairs."""
+    ids = _prompt(sum(chunks), seed=17)
+    P, new = len(ids), 6
+    sur = _TorchSurrogate(tiny[kind])
+    with torch.no_grad():
+        hf = _hf(tiny["model"])
+        hs = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        dense = torch.stack(
+            [sur(li, hf.model.layers[li].input_layernorm(hs[li])[0]) for li in range(N_LAYERS)]
+        ).flatten()
+    thr = float(dense.quantile(0.6)) + 1e-3
+    res = ref.dms_generate(tiny["model"], tiny[kind], ids, max_new_tokens=new, threshold=thr,
+                           window=window, prefill_chunks=chunks)  # fmt: skip
+    seq = ids + res["output_ids"][:-1]
+    N = len(seq)
+    masks = res["pruned_mask"]
+    allowed = _rule_allowed(masks, P, window, N, chunks)
+    logits, attn_in = _hf_masked_run(tiny["model"], seq, allowed, _group_head_map())
+    for i, got in enumerate(res["logits"]):
+        torch.testing.assert_close(got, logits[P - 1 + i], atol=1e-4, rtol=1e-4)
+    judged = torch.arange(N) < N - window
+    for li in range(N_LAYERS):
+        s = sur(li, attn_in[li])
+        assert not ((s - thr).abs() < 1e-5).any(), "a score lies on the threshold; change the seed"
+        assert torch.equal(masks[li], judged[None, :] & (s.t() < thr))
+    # not trivial: a later chunk missed pairs pruned after an earlier one, which the dense rule
+    # would have shown it, and the logits differ from those of a dense prompt
+    dense_rule = _rule_allowed(masks, P, window, N)
+    assert any((a[:, :P] != b[:, :P]).any() for a, b in zip(allowed, dense_rule))
+    dense_prompt = ref.dms_generate(tiny["model"], tiny[kind], ids, max_new_tokens=1,
+                                    threshold=thr, window=window)  # fmt: skip
+    assert (dense_prompt["logits"][0] - res["logits"][0]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="prefill_chunks"):
+        ref.dms_generate(tiny["model"], tiny[kind], ids, 1, thr, window, prefill_chunks=[P - 1])

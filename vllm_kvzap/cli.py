@@ -21,6 +21,7 @@ from vllm_kvzap.config import (
     DEFAULT_WINDOW,
     METHODS,
     MODES,
+    PREFILL_MODES,
     KVPruningConfig,
     KVPruningConfigError,
     parse_alpha,
@@ -39,6 +40,7 @@ FLAG_TO_KEY = {
     "kv_pruning_seed": "seed",
     "kv_pruning_ratio": "ratio",
     "kv_pruning_alpha": "alpha",
+    "kv_pruning_prefill": "prefill",
 }
 
 
@@ -130,6 +132,15 @@ def add_kv_pruning_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="paged (default): pruned pairs give their KV memory back, so more requests fit; "
         "mask: pruned pairs are only hidden from attention (same decisions, no memory saved).",
+    )
+    group.add_argument(
+        "--kv-pruning-prefill",
+        choices=PREFILL_MODES,
+        default=None,
+        help="dense (default, as kvpress): the prompt is attended whole and judged at its end. "
+        "chunked: with chunked prefill, the prompt tokens that left the window are judged after "
+        "each chunk and the pruned ones freed, so a prompt holds about kept + window + one chunk "
+        "of KV memory and later chunks attend only to kept pairs (threshold and paged mode).",
     )
     group.add_argument(
         "--kv-pruning-sinks",

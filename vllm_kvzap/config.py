@@ -34,6 +34,9 @@ THRESHOLD_OPTIONS = ("threshold", "window")
 
 # "paged": pruned pairs stop occupying KV memory; "mask": they are only hidden from attention.
 MODES = ("paged", "mask")
+# when the prompt is judged: "dense" (kvpress): attended whole, judged at its end; "chunked": with
+# vLLM's chunked prefill, after each chunk the tokens that left the window are judged and freed
+PREFILL_MODES = ("dense", "chunked")
 
 DEFAULT_THRESHOLD = -4.0
 DEFAULT_WINDOW = 128
@@ -56,6 +59,12 @@ class KVPruningConfig:
     ratio mode the fields hold the effective threshold-mode values, `threshold=-inf` (no pair is
     pruned by its score alone) and `window=0` (the whole prompt is judged); `to_dict` leaves both
     out.
+
+    `prefill` (threshold mode, paged mode): "dense" attends the whole prompt before judging it, as
+    kvpress does; "chunked" judges, after each chunk of vLLM's chunked prefill, the prompt tokens
+    that left the window (the same rule as in decoding, applied per chunk instead of per token),
+    so later chunks attend to the kept pairs, the window and themselves, and a prompt holds about
+    kept + window + one chunk of KV memory instead of its dense size.
     """
 
     method: str = "none"
@@ -68,8 +77,21 @@ class KVPruningConfig:
     seed: int = 0
     ratio: float | None = None
     alpha: float = DEFAULT_ALPHA
+    prefill: str = "dense"
 
     def __post_init__(self):
+        if self.prefill not in PREFILL_MODES:
+            raise KVPruningConfigError(
+                f"unknown kv_pruning prefill {self.prefill!r}; choose one of {list(PREFILL_MODES)}"
+            )
+        if self.prefill == "chunked" and (self.ratio is not None or self.mode != "paged"):
+            raise KVPruningConfigError(
+                "kv_pruning prefill 'chunked' (--kv-pruning-prefill) judges the prompt chunk by "
+                "chunk against the threshold and frees the pruned pairs' pages: it runs in "
+                "threshold mode and paged mode only, not with "
+                + ("a ratio (ranked over the whole prompt at its end)" if self.ratio is not None
+                   else f"mode {self.mode!r}")
+            )
         if self.ratio is None:
             return
         if self.method not in RATIO_METHODS:
@@ -101,13 +123,16 @@ class KVPruningConfig:
         """The rule and its parameters, as statistics lines record them."""
         if self.ratio_mode:
             return {"rule": "ratio", "ratio": self.ratio, "alpha": self.alpha}
-        return {"rule": self.rule, "threshold": self.threshold, "window": self.window}
+        settings = {"rule": self.rule, "threshold": self.threshold, "window": self.window}
+        return {**settings, "prefill": self.prefill} if self.enabled else settings
 
     def describe_rule(self) -> str:
-        """For logs: "ratio 0.5, alpha 0.2 (prompt only)" or "threshold -4, window 128"."""
+        """For logs: "ratio 0.5, alpha 0.2 (prompt only)", "threshold -4, window 128" or
+        "threshold -4, window 128, chunked prefill"."""
         if self.ratio_mode:
             return f"ratio {self.ratio:g}, alpha {self.alpha:g} (prompt only)"
-        return f"threshold {self.threshold:g}, window {self.window}"
+        chunked = ", chunked prefill" if self.prefill == "chunked" else ""
+        return f"threshold {self.threshold:g}, window {self.window}{chunked}"
 
     @property
     def paged(self) -> bool:
@@ -220,6 +245,7 @@ class KVPruningConfig:
             seed=_parse_count("seed", options.get("seed", 0)),
             ratio=ratio,
             alpha=alpha,
+            prefill=options.get("prefill") or "dense",
         )
 
     @classmethod

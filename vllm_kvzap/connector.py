@@ -175,6 +175,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         runtime = get_runtime()
         reports = {}
         if runtime is not None and runtime.pages is not None:
+            runtime.pages.finish_step()  # after the forward pass: chunked prefill's compaction
             reports = runtime.pages.reports()
         if not self._counts and not reports:
             return None

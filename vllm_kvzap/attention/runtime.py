@@ -85,6 +85,7 @@ class PruningRuntime:
             ratio=self.config.ratio if self.config.ratio_mode else None,
             alpha=self.config.alpha,
             heads=self.heads,
+            prefill=self.config.prefill,
             key_layout=self.key_layout,
             directory=self.directory,
         )

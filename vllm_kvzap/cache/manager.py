@@ -5,7 +5,9 @@ A vLLM block id is a *slab*: on the worker it holds one page of `block_size` tok
 pages of any slab to any stream; this manager only guarantees that the sum over requests of pages
 in use never exceeds the slabs they hold. A request holds:
 - while its prompt is processed (or recomputed after preemption), the dense amount: one slab per
-  `block_size` tokens, exactly like plain vLLM;
+  `block_size` tokens, exactly like plain vLLM; with chunked prefill (`prefill: chunked`), from
+  its second chunk on, the slabs of the pages it held after the last chunk (compacted) plus the
+  dense amount of the new chunk;
 - afterwards, the whole slabs of the pages it may hold during its next step, as reported by the
   worker after each step (through the plugin's KV connector); what is left over (less than one
   slab per request) is summed over all decoding requests and covered by a shared *reserve* of
@@ -42,8 +44,12 @@ class KVzapBlockManager(FullAttentionManager):
     def _target_blocks(self, request_id: str, num_tokens: int, num_computed: int):
         """(slabs the request holds itself, leftover pages for the reserve) for this step."""
         report = self.reports.get(request_id)
-        if report is None or num_tokens - num_computed != 1:
+        chunk = num_tokens - num_computed
+        if report is None or (chunk != 1 and report.dense):
             return cdiv(num_tokens, self.block_size), 0  # a prompt chunk: dense, as in vLLM
+        if chunk != 1:  # chunked prefill: the compacted prompt so far, then the chunk in order
+            # (a row of r slots needs at most ceil(r / bs) + ceil(chunk / bs) pages)
+            return cdiv(report.pages, self.pages_per_block) + cdiv(chunk, self.block_size), 0
         if report.dense:  # first decoding step: the prompt is compacted during it
             target = cdiv(report.next_pages, self.pages_per_block)
             return max(1, target, cdiv(num_tokens, self.block_size)), 0

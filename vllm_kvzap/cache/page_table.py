@@ -20,6 +20,11 @@ exactly slots `0 .. seq_len - 1` (what vLLM's CPU kernel reads with one KV head 
   than the window move, in order, to slots `0 .. K-1`, the window follows as a ring
   (position `p` at slot `K + (p - shift) mod W`, `shift = max(T - W, 0)`), and the prompt's spare
   pages go back to the pool;
+- with chunked prefill (`prefill="chunked"`) the same compaction runs after every prompt chunk
+  (`finish_step`, after the forward pass): the chunk's tokens and the window before it are judged
+  as far as they left the window, so the next chunk goes after `K` kept pairs and the `W` newest
+  tokens (slot `K + p - shift`), and a prompt holds about kept + window + one chunk, not its dense
+  size; its first decoding step then starts from a compacted row;
 - each decoding step, the token leaving the window (its ring slot is the new token's) is copied to
   the *probation* slot right after the ring and the survivors, `K + W + surv`, so this step's query
   still sees it; the new token takes the ring slot. At the next step's plan the probation token is
@@ -140,6 +145,7 @@ NUM_PAGES, BASE, SURV, SEQ_LEN, PRUNED, PENDING = range(len(ROW_FIELDS))
 # to be read from its score at the next plan (window 0: the token was written in that step)
 PEND_NONE, PEND_KEEP, PEND_PRUNE, PEND_SCORE = range(4)
 KEY_LAYOUTS = ("transposed", "plain")
+PREFILL_MODES = ("dense", "chunked")
 # the free stacks (counters in `PageTable._top`) and the error flags (`PageTable._short`)
 PAGES, CHUNKS, SLOTS, BOUND = range(4)
 
@@ -222,9 +228,14 @@ class PageTable:
         directory: tuple[torch.Tensor, torch.Tensor] | None = None,
         chunk: int | None = None,
         heads=None,
+        prefill: str = "dense",
     ):
         if key_layout not in KEY_LAYOUTS:
             raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}")
+        if prefill not in PREFILL_MODES or (prefill == "chunked" and ratio is not None):
+            raise ValueError(f"prefill must be one of {PREFILL_MODES} (threshold mode), got {prefill!r}")
+        # "chunked": prompt rows are compacted after every chunk (`finish_step`), not at the end
+        self.chunked_prefill = prefill == "chunked"
         self.key_layout = key_layout
         first = kv_caches[0]
         self.device = dev = first.device
@@ -330,6 +341,9 @@ class PageTable:
         )
         self._short = torch.zeros(4, dtype=torch.int64, device=dev)
         self._report: tuple[torch.Tensor, ...] | None = None  # the last step's, for `reports`
+        # chunked prefill: the last step's prompt rows (slots, unjudged tokens after the step on
+        # the host), compacted by `finish_step`
+        self._chunk_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self._layer_idx = torch.arange(L, device=dev).view(-1, 1, 1)
         self._head_idx = torch.arange(H, device=dev).view(1, 1, -1)
         self._row_starts = torch.arange(S * H + 1, dtype=torch.int32, device=dev)  # decode rows: one query each
@@ -420,7 +434,7 @@ class PageTable:
         """Give back the pages, chunks and slots of request slots [X] (-1: none). One host read
         (which are slots, and their rows' page counts); then blocks of at most `WORK_ENTRIES`
         page ids."""
-        L, H, K, S = self.num_layers, self.num_heads, self.chunk, self.max_slots
+        L, H, K = self.num_layers, self.num_heads, self.chunk
         X = slots.numel()
         if X == 0:
             return
@@ -530,66 +544,74 @@ class PageTable:
                     yield (l0, min(L, l0 + group)), order[i : i + 1]
                 i += 1
 
-    def _compact(self, slots: torch.Tensor, lengths_h: torch.Tensor) -> None:
-        """End of the prompt: judge every token older than the window, keep survivors + window.
-        In `_pieces` (whole prompts, some layers); one host read per piece (how many pairs move)."""
+    def _compact(self, slots: torch.Tensor, unjudged_h: torch.Tensor) -> None:
+        """Judge the prompt tokens older than the window and keep survivors + window: at the end
+        of a dense prompt (its first decoding step), or after each chunk with chunked prefill.
+        A row's `unjudged_h` (host, [C]) newest tokens sit in order after its `base` kept ones
+        (dense: base 0, every token). In `_pieces` (whole rows, some layers); one host read per
+        piece (how many pairs move)."""
         dev, W = self.device, self.window
-        lengths = lengths_h.to(dev)
-        # the dense prompt is a request's peak until decoding outgrows it (pages never shrink
-        # while decoding: a pruned probation slot is reused)
-        self.peak_pages[slots] = self.num_pages[:, slots].sum((0, 2))
-        for (l0, l1), idx_h in self._pieces(lengths_h):
-            idx, longest = idx_h.to(dev), int(lengths_h[idx_h].max())
-            self._compact_piece(torch.arange(l0, l1, device=dev), slots[idx], lengths[idx], longest)
-        self.shift[slots] = (lengths - W).clamp(min=0)
+        unjudged = unjudged_h.to(dev)
+        # a prompt's peak is just before a compaction (pages never shrink while decoding: a
+        # pruned probation slot is reused)
+        held = self.num_pages[:, slots].sum((0, 2))
+        self.peak_pages[slots] = torch.maximum(self.peak_pages[slots], held)
+        for (l0, l1), idx_h in self._pieces(unjudged_h):
+            idx, longest = idx_h.to(dev), int(unjudged_h[idx_h].max())
+            layers = torch.arange(l0, l1, device=dev)
+            self._compact_piece(layers, slots[idx], unjudged[idx], longest)
+        self.shift[slots] += (unjudged - W).clamp(min=0)
         self.dense[slots] = False
 
-    def _compact_piece(self, layers, slots, num_tokens, T: int) -> None:
-        """Compact rows [l, C, H] (layers `layers`, request slots `slots`, prompts of
-        `num_tokens` <= T tokens): temporaries of l C H T entries."""
+    def _compact_piece(self, layers, slots, unjudged, T: int) -> None:
+        """Compact rows [l, C, H] (layers `layers`, request slots `slots`, `unjudged` <= T tokens
+        after `base`): temporaries of l C H T entries. Token `i` of the unjudged ones is at
+        logical slot `base + i`; those older than the window (`i < unjudged - W`) are judged,
+        the kept ones move to `base ..`, the window follows them in order."""
         W, bs, K, H = self.window, self.block_size, self.chunk, self.num_heads
         dev = self.device
-        positions = torch.arange(T, device=dev)
-        shift = (num_tokens - W).clamp(min=0)
-        valid = positions[None] < num_tokens[:, None]  # [C, T]
-        judged = (positions[None] < shift[:, None])[None, :, None, :]  # [1, C, 1, T]
-        page, offset = self._page_of(slots, positions.view(1, 1, 1, -1), layers)  # [l, C, H, T]
-        keep = self._prompt_keep(page, offset, slots, num_tokens)
+        lsel, ssel = layers[:, None, None], slots[None, :, None]
+        base = self.base[lsel, ssel, self._head_idx]  # [l, C, H]
+        i = torch.arange(T, device=dev)
+        num_judged = (unjudged - W).clamp(min=0)  # [C]
+        valid = i[None] < unjudged[:, None]  # [C, T]
+        judged = (i[None] < num_judged[:, None])[None, :, None, :]  # [1, C, 1, T]
+        page, offset = self._page_of(slots, base[..., None] + i, layers)  # [l, C, H, T]
+        keep = self._prompt_keep(page, offset, slots, unjudged)
         kept = keep & judged
         survivors = kept.sum(-1)  # [l, C, H]
-        self.pruned[layers[:, None, None], slots[None, :, None], self._head_idx] += (
-            judged & ~keep
-        ).sum(-1)
+        self.pruned[lsel, ssel, self._head_idx] += (judged & ~keep).sum(-1)
         in_window = (valid & ~judged[0, :, 0])[None, :, None, :]
-        ring_slot = survivors[..., None] + positions - shift[None, :, None, None]
-        dest = torch.where(kept, kept.cumsum(-1) - 1, torch.where(in_window, ring_slot, -1))
-        moving = ((dest >= 0) & (dest != positions)).flatten()
+        window_slot = survivors[..., None] + i - num_judged[None, :, None, None]
+        dest = torch.where(kept, kept.cumsum(-1) - 1, torch.where(in_window, window_slot, -1))
+        moving = ((dest >= 0) & (dest != i)).flatten()
         count = int(self._read(moving.sum(), "compaction"))
         if count:
             sel = torch.nonzero_static(moving, size=count).flatten()
             row, C = sel // T, slots.numel()  # row = (layer, request, head) of each moving pair
             lay, req, head = layers[row // (C * H)], slots[(row // H) % C], row % H
-            dst = dest.flatten()[sel]
+            dst = base.flatten()[row] + dest.flatten()[sel]
             col = dst // bs
             dst_page = self.chunks[self.chunk_table[lay, req, head, col // K], col % K]
-            self._move(page.flatten()[sel], (sel % T) % bs, dst_page, dst % bs)
-        lsel, ssel = layers[:, None, None], slots[None, :, None]
-        self.base[lsel, ssel, self._head_idx] = survivors
-        self.surv[lsel, ssel, self._head_idx] = 0
-        # give back the prompt's spare pages and chunks (the step's allocation adds what it needs)
-        in_ring = (num_tokens - shift)[None, :, None]
-        need = cdiv(survivors + in_ring, bs)
-        have = self.num_pages[lsel, ssel, self._head_idx]  # [l, C, H] <= ceil(T / bs)
-        cols = torch.arange(cdiv(T, bs), device=dev)
+            self._move(page.flatten()[sel], offset.flatten()[sel], dst_page, dst % bs)
+        # give back the spare pages and chunks (the step's allocation adds what it needs); they
+        # lie in the columns from base // bs on, at most ceil(T / bs) + 1 of them
+        resident = base + survivors + (unjudged - num_judged)[None, :, None]
+        need = cdiv(resident, bs)
+        have = self.num_pages[lsel, ssel, self._head_idx]  # [l, C, H] <= ceil((base + T) / bs)
+        cols = (base // bs)[..., None] + torch.arange(cdiv(T, bs) + 1, device=dev)
         spare = (cols >= need[..., None]) & (cols < have[..., None])
-        spare_pages, _ = self._page_of(slots, cols.view(1, 1, 1, -1) * bs, layers)
+        spare_pages, _ = self._page_of(slots, cols * bs, layers)
         self._push(PAGES, self.free_pages, spare_pages.flatten(), spare.flatten())
-        ccols = torch.arange(cdiv(cdiv(T, bs), K), device=dev)
+        ccols = (base // bs // K)[..., None] + torch.arange(cdiv(cdiv(T, bs) + 1, K) + 1, device=dev)
         spare = (ccols >= cdiv(need, K)[..., None]) & (ccols < cdiv(have, K)[..., None])
-        heads = self._head_idx[..., None]
-        spare_chunks = self.chunk_table[lsel[..., None], ssel[..., None], heads, ccols]
+        ccols = ccols.clamp(max=self.chunk_table.shape[-1] - 1)
+        spare_chunks = self.chunk_table[lsel[..., None], ssel[..., None], self._head_idx[..., None], ccols]
         self._push(CHUNKS, self.free_chunks, spare_chunks.flatten(), spare.flatten())
         self.num_pages[lsel, ssel, self._head_idx] = torch.minimum(have, need)
+        self.base[lsel, ssel, self._head_idx] = base + survivors
+        self.surv[lsel, ssel, self._head_idx] = 0
+        self.seq_len[lsel, ssel, self._head_idx] = resident
 
     def _move(self, sp, so, dp, do) -> None:
         """Copy the pairs and their scores at (page, offset) sp, so to dp, do."""
@@ -654,19 +676,22 @@ class PageTable:
             comp_h = compacting_h.nonzero().flatten()
             self._compact(slots[comp_h.to(dev)], computed_h[comp_h])
             st = self.state[:, slots]
-        dense = self.dense[slots]  # [B] (on the host: ~decoding_h)
+        decoding = decoding_h.to(dev)  # [B]; the others are prompt rows
         npg, base, surv = st[..., NUM_PAGES], st[..., BASE], st[..., SURV]
 
         # this step's logical slots and lengths, per (layer, request, head)
         in_ring = computed - self.shift[slots]  # tokens in the ring before this step
         if W > 0:
-            leaving = ~dense & (in_ring >= W)  # [B]: a token leaves the window now
+            leaving = decoding & (in_ring >= W)  # [B]: a token leaves the window now
             new_logical = base + (in_ring % W)[None, :, None]  # decoding rows: its ring slot
             seq = base + surv + torch.where(leaving, W + 1, in_ring + 1)[None, :, None]
         else:  # the new token itself goes on probation
             new_logical = base + surv
             seq = new_logical + 1
-        seq = torch.where(dense[None, :, None], (computed + qlens)[None, :, None], seq)
+        # prompt rows (dense, or compacted after an earlier chunk: `base` kept pairs, then the
+        # tokens from `shift` on in order): the chunk follows the resident slots
+        prompt_start = base - self.shift[slots][None, :, None]  # [L, B, H]: slot of position 0
+        seq = torch.where(decoding[None, :, None], seq, prompt_start + (computed + qlens)[None, :, None])
 
         # pages: allocate what the step needs (compaction already gave back the spare ones);
         # a row grows by at most ceil(query_len / bs) pages (one in a decoding step)
@@ -697,11 +722,15 @@ class PageTable:
                 )  # fmt: skip
         else:
             phys_new = self._phys(slots, new_logical)  # [L, B, H]
-            pend = torch.where(dense, PEND_NONE, PEND_SCORE)[None, :, None].expand(L, B, H)
+            pend = torch.where(decoding, PEND_SCORE, PEND_NONE)[None, :, None].expand(L, B, H)
         self.state[:, slots] = torch.stack((npg, base, surv, seq, st[..., PRUNED], pend), -1)
-        held = npg.sum((0, 2))
-        next_pages = torch.maximum(npg, (seq + bs) // bs).sum((0, 2))
-        self._report = (keys, held, next_pages, dense)
+        self._report = (keys, slots)
+        self._chunk_rows = None
+        if self.chunked_prefill and not bool(decoding_h.all()):
+            prompt_h = (~decoding_h).nonzero().flatten()
+            # tokens not judged yet after this step: the window before it and its chunk
+            unjudged_h = computed_h.clamp(max=W) + qlens_h
+            self._chunk_rows = (slots[prompt_h.to(dev)], unjudged_h[prompt_h])
 
         # writes: (token, head) -> physical slot, in every layer
         if max_qlen == 1 and bool(decoding_h.all()):
@@ -710,7 +739,9 @@ class PageTable:
             tok_req = torch.repeat_interleave(torch.arange(B, device=dev), qlens, output_size=T)
             tok_pos = computed[tok_req] + torch.arange(T, device=dev) - query_start_loc[:-1][tok_req]
             logical = torch.where(
-                dense[tok_req][None, :, None], tok_pos[None, :, None], new_logical[:, tok_req]
+                decoding[tok_req][None, :, None],
+                new_logical[:, tok_req],
+                prompt_start[:, tok_req] + tok_pos[None, :, None],
             )  # [L, T, H]
             write_slots = self._phys(slots[tok_req], logical).flatten(1)
 
@@ -804,6 +835,15 @@ class PageTable:
             self._values[page, offset] = value[:T].reshape(T * H, D).to(self._values.dtype)
         self.slot_scores[page, offset] = scores[:T].reshape(-1).float()
 
+    def finish_step(self) -> None:
+        """After the step's forward pass (its K/V and scores are written), with chunked prefill:
+        judge the prompt tokens of the step's prompt rows that left the window and give the
+        pruned ones' pages back, so the next chunk attends to kept pairs + window + itself and
+        the step's report already holds the compacted size."""
+        rows, self._chunk_rows = self._chunk_rows, None
+        if rows is not None:
+            self._compact(*rows)
+
     # ------------------------------------------------------------------ reporting
     def reports(self) -> dict[int, ResidentReport]:
         """Per request of the last step (by key): pages held, most pages its next step may hold
@@ -811,9 +851,12 @@ class PageTable:
         before it allocates). One host read, which also checks the pools' error flags."""
         if self._report is None:
             return {}
-        keys, held, next_pages, dense = self._report
+        keys, slots = self._report
         self._report = None
-        values = torch.stack((keys, held, next_pages, dense.long())).flatten()
+        npg, seq = self.num_pages[:, slots], self.seq_len[:, slots]  # [L, B, H]
+        held = npg.sum((0, 2))
+        next_pages = torch.maximum(npg, (seq + self.block_size) // self.block_size).sum((0, 2))
+        values = torch.stack((keys, held, next_pages, self.dense[slots].long())).flatten()
         got = self._read(torch.cat((self._short, values)), "reports")
         self._check(got[:4])
         keys, held, next_pages, dense = got[4:].view(4, -1).tolist()
