@@ -28,6 +28,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.interpreter import REPO_ROOT
 from tests.reference_dms import dms_generate
@@ -208,3 +209,39 @@ def test_v2_ratio_mode_equals_reference(v2_ratio_run, tiny_model_dir):
         ]
         assert result["stats"]["rule"] == "ratio"
     assert v2_ratio_run["pools_end"] == v2_ratio_run["pools_start"]
+
+
+CHUNKED_LENS, CHUNKED_TOKENS, CHUNK = (40, 150), 12, 32
+
+
+@pytest.fixture(scope="module")
+def v2_chunked_run(tiny_model_dir, tmp_path_factory):
+    """`prefill: chunked` under V2 on the CUDA backend (the GPU's default path), one request at a
+    time, so vLLM cuts each prompt into chunks of `max_num_batched_tokens` (32) and a last one."""
+    tmp = tmp_path_factory.mktemp("v2_chunked")
+    pruning = {"method": "kvzap-mlp", "threshold": -4, "window": WINDOW, "prefill": "chunked",
+               "surrogate": str(tiny_model_dir["mlp"])}  # fmt: skip
+    spec = engine_spec(tiny_model_dir, tmp, "v2", "cuda", pruning, max_num_seqs=1,
+                       kv_cache_memory_bytes=64 * 2**20)  # fmt: skip
+    spec.update(prompts=[p for p in prompts() if len(p) in CHUNKED_LENS],
+                max_tokens=CHUNKED_TOKENS)  # fmt: skip
+    return run_harness(spec, tmp)
+
+
+def test_v2_chunked_prefill_equals_reference(v2_chunked_run, tiny_model_dir):
+    """Tokens, log-probs, pruned pairs and end pages equal the reference fed the same chunks."""
+    found = [p for p in prompts() if len(p) in CHUNKED_LENS]
+    assert len(found) == len(v2_chunked_run["results"]) == len(CHUNKED_LENS)
+    for prompt, result in zip(found, v2_chunked_run["results"]):
+        chunks = [CHUNK] * (len(prompt) // CHUNK) + [len(prompt) % CHUNK] * bool(len(prompt) % CHUNK)
+        ref = dms_generate(tiny_model_dir["model"], tiny_model_dir["mlp"], prompt, CHUNKED_TOKENS,
+                           -4.0, WINDOW, prefill_chunks=chunks)  # fmt: skip
+        assert result["tokens"] == ref["output_ids"]
+        want = [torch.log_softmax(ref["logits"][i], -1)[t].item()
+                for i, t in enumerate(result["tokens"])]  # fmt: skip
+        assert result["logprobs"] == pytest.approx(want, abs=1e-3)
+        stats = result["stats"]
+        assert stats["prefill"] == "chunked"
+        assert stats["pruned_pairs_per_layer"] == [int(m.sum()) for m in ref["pruned_mask"]]
+        assert stats["resident_kv_pages_end"] == expected_end_pages(ref, WINDOW, BLOCK_SIZE)
+    assert v2_chunked_run["pools_end"] == v2_chunked_run["pools_start"]
