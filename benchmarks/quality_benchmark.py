@@ -1,9 +1,14 @@
 """Quality vs KV pruned on a real model (SmolLM2-135M-Instruct), through vLLM with the plugin.
 
     python -m benchmarks.quality_benchmark [--quick] [--out benchmarks/results/quality]
+        [--methods kvzap-mlp,...] [--fractions 0.5,...] [--prefill dense,chunked] [--name quality]
 
 Three tasks whose answers need the context, asked at the end of a chat prompt so that they are
-answered *during decoding*, against the pruned cache (the prompt itself is attended densely):
+answered *during decoding*, against the pruned cache. How the prompt itself is attended depends on
+the plugin's ``prefill`` option: ``dense`` (the default, as kvpress) attends the whole prompt
+densely and judges it at its end; ``chunked`` judges, after each chunk of vLLM's chunked prefill,
+the prompt tokens that left the window and frees the pruned ones, so later chunks attend only to
+the kept pairs, the window and themselves:
 
 - ``passkey``: a 5-digit pass key hidden at a random depth in repeated filler (0.5k-4k tokens);
   correct when the answer contains it;
@@ -21,7 +26,19 @@ thresholds (``extra_args["kv_pruning"]``); ``window`` needs one engine per windo
 are calibrated offline (transformers, the same scores on calibration contexts of the same tasks) to
 target pruned fractions; the x axis is the fraction the plugin measured. The unpruned reference is
 the same engine with ``"none"`` per request; a ``"none"`` level in each method's batch measures how
-far bfloat16 batch effects alone move the answers. Prints a table, saves JSON and a plot.
+far bfloat16 batch effects alone move the answers. Prints a table, saves JSON and a plot
+(``--name``: ``<name>.json`` / ``<name>.png`` under ``--out``).
+
+``--prefill dense,chunked`` runs every method once per prefill mode, at the same calibrated
+thresholds (calibration uses dense scores; the measured pruned fraction of ``chunked`` may differ a
+little): rows ``<method> chunked`` beside ``<method>``, dashed in the plot. The dense engines keep
+vLLM's CPU defaults (chunked prefill of 4096 tokens a step, so a prompt is mostly prefilled in one
+step, and dense prefill attends it whole anyway); the chunked ones run
+``enable_chunked_prefill=True`` with ``max_num_batched_tokens`` ``--chunk-tokens`` (256 by default:
+every prompt, 0.3k-4k tokens, is split into 2-16 chunks, and a chunk is twice the 128-token window,
+so most of each chunk's context has already been judged; vLLM's step budget is shared by the batch,
+so a chunk may be smaller). The unpruned reference comes from the first engine (dense when it is
+among the modes).
 """
 
 from __future__ import annotations
@@ -40,6 +57,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / ".cache" / "SmolLM2-135M-Instruct"
 METHODS = ("kvzap-mlp", "kvzap-linear", "knorm", "random", "window")
+PREFILL_MODES = ("dense", "chunked")  # the plugin's kv_pruning "prefill" option
+CHUNK_TOKENS = 256  # max_num_batched_tokens of the chunked-prefill engines
 FRACTIONS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 PASSKEY_LENS = (500, 1000, 2000, 4000)
 FACTS_LENS = (500, 1000, 2000)
@@ -250,16 +269,35 @@ def calibrate(method: str, fraction: float, scores, share: float, cases: list[Ca
 # --------------------------------------------------------------------------------------------------
 
 
-def make_llm(args, pruning: dict | None):
+def series_name(method: str, prefill: str) -> str:
+    """The key of a method's rows: ``kvzap-mlp`` (dense prefill) or ``kvzap-mlp chunked``."""
+    return method if prefill == "dense" else f"{method} {prefill}"
+
+
+def engine_options(pruning: dict, prefill: str, chunk_tokens: int) -> tuple[dict, dict]:
+    """(kv_pruning options, extra LLM arguments) of one prefill mode: dense engines keep vLLM's
+    defaults; chunked ones add ``prefill: chunked`` and split prompts into small chunks."""
+    if prefill == "dense":
+        return pruning, {}
+    if prefill not in PREFILL_MODES:
+        raise ValueError(f"unknown prefill {prefill!r}; choose from {', '.join(PREFILL_MODES)}")
+    return ({**pruning, "prefill": prefill},
+            {"enable_chunked_prefill": True, "max_num_batched_tokens": chunk_tokens})  # fmt: skip
+
+
+def make_llm(args, pruning: dict | None, prefill: str = "dense"):
     from vllm import LLM
 
     from benchmarks.accuracy_benchmark import ForcedTokens
 
+    extra = {}
+    if pruning:
+        pruning, extra = engine_options(pruning, prefill, args.chunk_tokens)
     return LLM(
         model=str(args.model), dtype=args.dtype, max_model_len=max(PASSKEY_LENS) + 256,
         kv_cache_memory_bytes=args.kv_cache_mib * 2**20, enforce_eager=True, seed=0,
         logits_processors=[ForcedTokens],
-        additional_config={"kv_pruning": pruning} if pruning else {},
+        additional_config={"kv_pruning": pruning} if pruning else {}, **extra,
     )  # fmt: skip
 
 
@@ -276,13 +314,14 @@ def requests_for(cases: list[Case], value, reference: dict | None) -> list[tuple
     for i, c in enumerate(cases):
         n = CHAT_TOKENS if c.task == "chat" else ANSWER_TOKENS
         chat = c.task == "chat"  # its log-probs: the unpruned answer's, in the reference run
-        out.append((c.prompt, dict(max_tokens=n, ignore_eos=chat, logprobs=0 if chat else None,
-                                   extra_args=extra), i, "free"))  # fmt: skip
+        out.append((c.prompt, {"max_tokens": n, "ignore_eos": chat,
+                               "logprobs": 0 if chat else None, "extra_args": extra},
+                    i, "free"))  # fmt: skip
         if c.task == "chat" and reference is not None:
             forced = reference["tokens"][i]
-            out.append((c.prompt, dict(max_tokens=len(forced), ignore_eos=True, logprobs=0,
-                                       extra_args={**extra, "forced_tokens": forced}), i,
-                        "forced"))  # fmt: skip
+            out.append((c.prompt, {"max_tokens": len(forced), "ignore_eos": True, "logprobs": 0,
+                                   "extra_args": {**extra, "forced_tokens": forced}},
+                        i, "forced"))  # fmt: skip
     return out
 
 
@@ -350,16 +389,23 @@ METRICS = (("passkey", "passkey accuracy"), ("facts", "facts accuracy"),
 
 
 def table(results: dict) -> str:
-    base = results["unpruned"]
-    head = f"{'method':>13} {'target':>6} {'pruned':>6} " + " ".join(
-        f"{k[:10]:>10}" for k, _ in METRICS)
-    rows = [head, "-" * len(head),
-            f"{'unpruned':>13} {'-':>6} {0:6.3f} "
-            + " ".join(f"{base.get(k, float('nan')):10.3f}" for k, _ in METRICS)]  # fmt: skip
-    for m, points in results["methods"].items():
+    """One row per point; the prefill column only when some rows are not dense."""
+    base, series = results["unpruned"], results["methods"]
+    prefills = any(p.get("prefill", "dense") != "dense" for ps in series.values() for p in ps)
+
+    def row(method: str, prefill: str, target: str, p: dict) -> str:
+        return (f"{method:>13} " + (f"{prefill:>7} " if prefills else "")
+                + f"{target:>6} {p.get('pruned_fraction', 0.0):6.3f} "
+                + " ".join(f"{p.get(k, float('nan')):10.3f}" for k, _ in METRICS))  # fmt: skip
+
+    head = (f"{'method':>13} " + (f"{'prefill':>7} " if prefills else "")
+            + f"{'target':>6} {'pruned':>6} " + " ".join(f"{k[:10]:>10}" for k, _ in METRICS))
+    rows = [head, "-" * len(head), row("unpruned", "-", "-", {**base, "pruned_fraction": 0.0})]
+    for name, points in series.items():
         for p in points:
-            rows.append(f"{m:>13} {p['target']:6.2f} {p['pruned_fraction']:6.3f} "
-                        + " ".join(f"{p.get(k, float('nan')):10.3f}" for k, _ in METRICS))
+            prefill = p.get("prefill", "dense")
+            method = p.get("method", name.removesuffix(f" {prefill}"))
+            rows.append(row(method, prefill, f"{p['target']:.2f}", p))
     text = "\n".join(rows)
     print(text)
     return text
@@ -373,17 +419,24 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     base = results["unpruned"]
+    colours: dict[str, str] = {}  # a method's colour; its chunked-prefill rows dashed, squares
     for ax, (key, label) in zip(axes, METRICS):
         for m, points in results["methods"].items():
+            method = points[0].get("method", m) if points else m
+            chunked = bool(points) and points[0].get("prefill", "dense") != "dense"
+            colour = colours.setdefault(method, f"C{len(colours) % 10}")
             pts = sorted([(0.0, base[key])] + [(p["pruned_fraction"], p[key]) for p in points])
-            ax.plot(*zip(*pts), "o-", ms=4, label=m, lw=2.2 if m.startswith("kvzap") else 1.2)
+            ax.plot(*zip(*pts), "s--" if chunked else "o-", ms=4, label=m, color=colour,
+                    lw=2.2 if m.startswith("kvzap") else 1.2)  # fmt: skip
         ax.set(xlabel="KV pairs pruned (measured by the plugin)", title=label, xlim=(0, 1))
         if key != "chat_logprob":
             ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    chunk = (f", chunked prefill: {results['chunk_tokens']} tokens a step"
+             if "chunked" in results.get("prefill", ()) else "")  # fmt: skip
     fig.suptitle(f"SmolLM2-135M-Instruct through vLLM + vllm-kvzap (window {results['window']}, "
-                 f"{results['dtype']})", fontsize=10)  # fmt: skip
+                 f"{results['dtype']}{chunk})", fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -400,9 +453,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-cache-mib", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefill", default="dense",
+                    help="the plugin's prefill mode(s), comma-separated: dense, chunked")
+    ap.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS,
+                    help="max_num_batched_tokens of the chunked-prefill engines")
+    ap.add_argument("--name", default="quality", help="output files <name>.json, <name>.png")
     ap.add_argument("--quick", action="store_true", help="2 fractions, short contexts, 2 methods")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
+    prefills = sorted(set(args.prefill.split(",")), key=lambda x: (
+        PREFILL_MODES.index(x) if x in PREFILL_MODES else len(PREFILL_MODES)))  # dense first
+    for x in prefills:
+        if x not in PREFILL_MODES:
+            raise SystemExit(f"unknown prefill {x!r}; choose from {', '.join(PREFILL_MODES)}")
     fractions = [float(f) for f in args.fractions.split(",")]
     if args.quick:
         fractions, methods = [0.5, 0.8], [m for m in methods if m in ("kvzap-mlp", "window")]
@@ -430,21 +493,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(cases)} cases ({sum(len(c.prompt) for c in cases)} prompt tokens); calibrating "
           f"on {len(calib)} other contexts ...", flush=True)  # fmt: skip
     scores = collect_scores(args.model, surrogates, [c.prompt for c in calib])
-    stats_path = args.out / "quality_stats.jsonl"
+    stats_path = args.out / f"{args.name}_stats.jsonl"
 
     results = {"model": args.model.name, "dtype": args.dtype, "window": args.window,
+               "prefill": prefills, "chunk_tokens": args.chunk_tokens,
                "cases": [{"task": c.task, "prompt_tokens": len(c.prompt), "answer": c.answer,
                           **c.info} for c in cases],
                "methods": {}}  # fmt: skip
     reference = None
-    for m in methods:
+    for m, prefill in [(m, x) for m in methods for x in prefills]:
         if m == "window":
             continue
+        name = series_name(m, prefill)
         pruning = {"method": m, "window": args.window, "stats_path": str(stats_path)}
         if m in surrogates:
             pruning["surrogate"] = str(surrogates[m])
         opts = [calibrate(m, f, scores, share, cases, args.sinks) for f in fractions]
-        llm = make_llm(args, pruning)
+        llm = make_llm(args, pruning, prefill)
         try:
             if reference is None:  # unpruned: the same engine, "none" per request
                 reference = results["unpruned"] = run_levels(llm, cases, ["none"], None,
@@ -456,36 +521,41 @@ def main(argv: list[str] | None = None) -> int:
                                           reference, stats_path)  # fmt: skip
         finally:
             shutdown(llm)
-        results.setdefault("unpruned_in_batch", {})[m] = control
-        print(f"{m:>13} unpruned in its batch: {_brief(control)}")
-        results["methods"][m] = [{"target": f, **o, **p} for f, o, p in zip(fractions, opts, points)]
-        for p in results["methods"][m]:
-            print(f"{m:>13} target {p['target']:.2f}: {_brief(p)}  ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)  # fmt: skip
+        results.setdefault("unpruned_in_batch", {})[name] = control
+        print(f"{name:>21} unpruned in its batch: {_brief(control)}")
+        results["methods"][name] = [{"method": m, "prefill": prefill, "target": f, **o, **p}
+                                    for f, o, p in zip(fractions, opts, points)]  # fmt: skip
+        for p in results["methods"][name]:
+            print(f"{name:>21} target {p['target']:.2f}: {_brief(p)}  "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     if "window" in methods:
         if reference is None:
             raise SystemExit("the window baseline needs a threshold method first (the reference)")
-        results["methods"]["window"] = []
-        for f in fractions:
-            opts = calibrate("window", f, scores, share, cases, args.sinks)
-            pruning = {"method": "window", "sinks": args.sinks, "stats_path": str(stats_path), **opts}
-            llm = make_llm(args, pruning)
-            try:
-                point = run_levels(llm, cases, [None], reference, stats_path)[0]
-            finally:
-                shutdown(llm)
-            results["methods"]["window"].append({"target": f, **opts, **point})
-            print(f"{'window':>13} target {f:.2f}: {_brief(point)}  ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)  # fmt: skip
+        for prefill in prefills:
+            name = series_name("window", prefill)
+            results["methods"][name] = []
+            for f in fractions:
+                opts = calibrate("window", f, scores, share, cases, args.sinks)
+                pruning = {"method": "window", "sinks": args.sinks, "stats_path": str(stats_path),
+                           **opts}  # fmt: skip
+                llm = make_llm(args, pruning, prefill)
+                try:
+                    point = run_levels(llm, cases, [None], reference, stats_path)[0]
+                finally:
+                    shutdown(llm)
+                results["methods"][name].append(
+                    {"method": "window", "prefill": prefill, "target": f, **opts, **point})
+                print(f"{name:>21} target {f:.2f}: {_brief(point)}  "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     stats_path.unlink(missing_ok=True)
     results["table"] = table(results)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["command"] = "python -m benchmarks.quality_benchmark " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    (args.out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, args.out / "quality.png")
-    print(f"wrote {args.out / 'quality.json'} and {args.out / 'quality.png'} "
-          f"({results['seconds']:.0f} s)")
+    json_path, png_path = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, png_path)
+    print(f"wrote {json_path} and {png_path} ({results['seconds']:.0f} s)")
     return 0
 
 

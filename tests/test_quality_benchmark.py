@@ -67,3 +67,34 @@ def test_agreement_is_positionwise_against_the_reference():
     point = qb.summarise(cases, res, ref)
     assert point["chat_agreement"] == 0.5 and point["chat_logprob"] == -0.5
     assert point["pruned_fraction"] == 0.4
+
+
+def test_chunked_prefill_engines_split_prompts_and_dense_ones_keep_their_settings():
+    pruning = {"method": "kvzap-mlp", "window": 128}
+    assert qb.engine_options(pruning, "dense", 256) == (pruning, {})
+    opts, llm = qb.engine_options(pruning, "chunked", 256)
+    assert opts == {**pruning, "prefill": "chunked"} and "prefill" not in pruning
+    assert llm == {"enable_chunked_prefill": True, "max_num_batched_tokens": 256}
+    assert qb.CHUNK_TOKENS < min(qb.PASSKEY_LENS) and qb.CHUNK_TOKENS > 128  # split, > window
+    with pytest.raises(ValueError, match="unknown prefill"):
+        qb.engine_options(pruning, "sparse", 256)
+    assert qb.series_name("kvzap-mlp", "dense") == "kvzap-mlp"
+    assert qb.series_name("kvzap-mlp", "chunked") == "kvzap-mlp chunked"
+
+
+def test_table_shows_chunked_rows_beside_dense_ones(capsys):
+    metrics = {"passkey": 1.0, "facts": 0.5, "chat_agreement": 0.25, "chat_logprob": -0.75}
+    point = {"target": 0.5, "pruned_fraction": 0.48, **metrics}
+    dense = {"unpruned": metrics, "methods": {"kvzap-mlp": [point]}}
+    rows = qb.table(dense).splitlines()
+    assert "prefill" not in rows[0] and rows[3].split()[:3] == ["kvzap-mlp", "0.50", "0.480"]
+    both = {"unpruned": metrics, "methods": {
+        "kvzap-mlp": [{**point, "method": "kvzap-mlp", "prefill": "dense"}],
+        "kvzap-mlp chunked": [{**point, "method": "kvzap-mlp", "prefill": "chunked",
+                               "pruned_fraction": 0.51}]}}  # fmt: skip
+    rows = qb.table(both).splitlines()
+    assert rows[0].split()[:4] == ["method", "prefill", "target", "pruned"]
+    assert rows[2].split()[:4] == ["unpruned", "-", "-", "0.000"]
+    assert [r.split()[:4] for r in rows[3:]] == [["kvzap-mlp", "dense", "0.50", "0.480"],
+                                                 ["kvzap-mlp", "chunked", "0.50", "0.510"]]
+    assert rows[4].split()[4:] == ["1.000", "0.500", "0.250", "-0.750"]
