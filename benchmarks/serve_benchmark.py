@@ -25,12 +25,13 @@ Configs (`--configs`, comma-separated names; the default list takes `--threshold
         [--num-prompts 32] [--dense-requests 9] [--model .cache/SmolLM2-135M-Instruct]
         [--out benchmarks/results/serve]
 
-On 2 shared cores, each server takes 2.5-5 minutes to start (it compiles the model); the client
-then took ~3 min for plain vLLM but 8-15 min for the pruned configs, whose decode steps are much
-slower on the CPU build (a first run of plain and both dense configs: 36 min; the five defaults:
-about an hour). `--quick` (8 prompts of 256 + 32 tokens, memory for 3 requests; ~4 min a config)
-checks that the script works. Timings suffer from other load on the machine (the load average
-around each client run is saved). Saves vLLM's result JSON per config (`<config>.json`),
+On 2 quiet cores each server takes 1.5-3 minutes to start (it compiles the model) and each
+client run 1-2.5 minutes: the five defaults took 24 minutes. Run nothing else meanwhile: beside
+other engine runs (load average 8-30) the plugin's decode steps were 7-9x slower and it measured
+0.2-0.4x plain vLLM, while plain vLLM measured nearly the same under that load (the plugin's step
+has many more small ops; threads contending for the cores hurt them most: not profiled). The
+load average around each client run is saved. `--quick` (8 prompts of 256 + 32 tokens, memory
+for 3 requests; ~4 min a config) checks that the script works. Saves vLLM's result JSON per config (`<config>.json`),
 `serve.json` (configs, commands, settings, metrics, the plugin's git state), the printed table
 (`serve.txt`) and `serve.png` (`serve_quick.*` and `quick_<config>.json` with `--quick`) under
 `--out`; server and client logs go to `--out`/logs.
