@@ -72,6 +72,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvzap.config import PREFILL_MODES
+
 SCORE_BYTES = 4  # a float32 score per slot, in its page after the values
 WORK_ENTRIES = 1 << 20  # entries per pass of a compaction piece or a release block
 MOVE_PAIRS = 1 << 16  # K/V pairs per gather/scatter of a move
@@ -145,7 +147,6 @@ NUM_PAGES, BASE, SURV, SEQ_LEN, PRUNED, PENDING = range(len(ROW_FIELDS))
 # to be read from its score at the next plan (window 0: the token was written in that step)
 PEND_NONE, PEND_KEEP, PEND_PRUNE, PEND_SCORE = range(4)
 KEY_LAYOUTS = ("transposed", "plain")
-PREFILL_MODES = ("dense", "chunked")
 # the free stacks (counters in `PageTable._top`) and the error flags (`PageTable._short`)
 PAGES, CHUNKS, SLOTS, BOUND = range(4)
 
@@ -233,7 +234,9 @@ class PageTable:
         if key_layout not in KEY_LAYOUTS:
             raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}")
         if prefill not in PREFILL_MODES or (prefill == "chunked" and ratio is not None):
-            raise ValueError(f"prefill must be one of {PREFILL_MODES} (threshold mode), got {prefill!r}")
+            raise ValueError(
+                f"prefill must be one of {PREFILL_MODES} (threshold mode), got {prefill!r}"
+            )
         # "chunked": prompt rows are compacted after every chunk (`finish_step`), not at the end
         self.chunked_prefill = prefill == "chunked"
         self.key_layout = key_layout
@@ -603,10 +606,12 @@ class PageTable:
         spare = (cols >= need[..., None]) & (cols < have[..., None])
         spare_pages, _ = self._page_of(slots, cols * bs, layers)
         self._push(PAGES, self.free_pages, spare_pages.flatten(), spare.flatten())
-        ccols = (base // bs // K)[..., None] + torch.arange(cdiv(cdiv(T, bs) + 1, K) + 1, device=dev)
+        num_ccols = cdiv(cdiv(T, bs) + 1, K) + 1
+        ccols = (base // bs // K)[..., None] + torch.arange(num_ccols, device=dev)
         spare = (ccols >= cdiv(need, K)[..., None]) & (ccols < cdiv(have, K)[..., None])
         ccols = ccols.clamp(max=self.chunk_table.shape[-1] - 1)
-        spare_chunks = self.chunk_table[lsel[..., None], ssel[..., None], self._head_idx[..., None], ccols]
+        heads = self._head_idx[..., None]
+        spare_chunks = self.chunk_table[lsel[..., None], ssel[..., None], heads, ccols]
         self._push(CHUNKS, self.free_chunks, spare_chunks.flatten(), spare.flatten())
         self.num_pages[lsel, ssel, self._head_idx] = torch.minimum(have, need)
         self.base[lsel, ssel, self._head_idx] = base + survivors
@@ -691,7 +696,8 @@ class PageTable:
         # prompt rows (dense, or compacted after an earlier chunk: `base` kept pairs, then the
         # tokens from `shift` on in order): the chunk follows the resident slots
         prompt_start = base - self.shift[slots][None, :, None]  # [L, B, H]: slot of position 0
-        seq = torch.where(decoding[None, :, None], seq, prompt_start + (computed + qlens)[None, :, None])
+        prompt_seq = prompt_start + (computed + qlens)[None, :, None]
+        seq = torch.where(decoding[None, :, None], seq, prompt_seq)
 
         # pages: allocate what the step needs (compaction already gave back the spare ones);
         # a row grows by at most ceil(query_len / bs) pages (one in a decoding step)
