@@ -134,7 +134,11 @@ class Answers:
             rows = self.batch
             decoding = ((rows.query_lens == 1) & ~rows.is_prefilling).nonzero().flatten()
             dense = [int(i) in self.compacting for i in decoding]
-            return torch.tensor([0, 0, 0, 0] + [0] * fresh + dense, dtype=torch.int64)
+            # every kept pair leaving a full ring moves (the bound)
+            moves = L * H * sum(
+                not d and int(rows.num_computed[i]) > WINDOW for i, d in zip(decoding, dense)
+            )
+            return torch.tensor([0, 0, 0, 0, moves] + [0] * fresh + dense, dtype=torch.int64)
         if what == "compaction":
             return torch.tensor(self.piece)
         if what == "release":
@@ -267,7 +271,7 @@ def test_directory_matches_the_stated_formula(measured):
     K = 64  # about sqrt(P) = 50.6, a power of two
     N = table.num_pages_total
     assert table.chunk == K
-    assert sizes["row directory"] == 4 * R * cdiv(P, K) + 48 * R
+    assert sizes["row directory"] == 4 * R * cdiv(P, K) + 40 * R
     rows = L * MAX_NUM_SEQS * H
     pool_dir = 4 * (K + 1) * (1 + rows + cdiv(N, K)) + 4 * (N + 1)
     per_slot = sizes["pool directory and slots"] - pool_dir

@@ -58,7 +58,7 @@ class PruningRuntime:
         self.keep_caches: dict[int, torch.Tensor] = {}  # mask mode
         self.pages: PageTable | None = None  # paged mode
         # paged mode: the per-row part of the page table's directory (chunk table and row state:
-        # 4 L (S+1) H ceil(P / chunk) + 48 L (S+1) H bytes, `cache/page_table.py`), allocated
+        # 4 L (S+1) H ceil(P / chunk) + 40 L (S+1) H bytes, `cache/page_table.py`), allocated
         # with the model, where vLLM's memory profile counts it, and handed to the table; its pool
         # part follows the KV cache's pages and is allocated with the table
         self.directory = None

@@ -17,19 +17,21 @@ logical slot `j` lives at `pages[j // bs]`, offset `j % bs`, and the row's resid
 exactly slots `0 .. seq_len - 1` (what vLLM's CPU kernel reads with one KV head per row):
 - while the prompt is processed (or recomputed after preemption) the row is *dense*: slot = position;
 - at the start of its first decoding step the row is *compacted*: the `K` kept prompt tokens older
-  than the window move, in order, to slots `0 .. K-1`, the window follows as a ring
-  (position `p` at slot `K + (p - shift) mod W`, `shift = max(T - W, 0)`), and the prompt's spare
-  pages go back to the pool;
+  than the window move, in order, to slots `0 .. K-1`, the window follows in order (position `p`
+  at slot `K + p - shift`, `shift = max(T - W, 0)`), and the prompt's spare pages go back to the
+  pool;
 - with chunked prefill (`prefill="chunked"`) the same compaction runs after every prompt chunk
   (`finish_step`, after the forward pass): the chunk's tokens and the window before it are judged
   as far as they left the window, so the next chunk goes after `K` kept pairs and the `W` newest
   tokens (slot `K + p - shift`), and a prompt holds about kept + window + one chunk, not its dense
   size; its first decoding step then starts from a compacted row;
-- each decoding step, the token leaving the window (its ring slot is the new token's) is copied to
-  the *probation* slot right after the ring and the survivors, `K + W + surv`, so this step's query
-  still sees it; the new token takes the ring slot. At the next step's plan the probation token is
-  judged from the score it got when it was written: kept -> `surv += 1`, pruned -> its slot is
-  reused. With `W = 0` the new token itself is written on probation.
+- while decoding, the window and the token leaving it (this step's query still sees it) form a
+  *ring* of `R = W + 1` slots after the kept prompt pairs, position `p` at slot `K + (p - shift)
+  mod R`, and the decoding survivors follow the ring (`K + R + j`, `j < surv`). The new token takes
+  the ring slot of the token that left the window in the previous step, which the step's plan
+  judges from the score it got when written: kept, it moves to slot `K + R + surv` (`surv += 1`);
+  pruned, it is overwritten. Only kept pairs move. With `W = 0` the ring is the one slot after the
+  survivors (`K + surv`): a kept token stays there and the new token goes after it.
 A row therefore holds `ceil((K + W + surv + 1) / bs)` pages: memory follows the kept pairs.
 
 The page directory is two-level, so that its size follows the pool, not `max_num_seqs x
@@ -40,24 +42,24 @@ so the chunk pool needs `ceil(pool pages / chunk)` full chunks plus one partial 
 Bytes (`directory_shapes`, `pool_shapes`; S = max_num_seqs, R = L (S + 1) H_kv rows with slot S
 a dump row for masked writes, N pages in the buffer, P = ceil((max_model_len + 1) / bs), K = chunk):
 
-    4 R ceil(P / K) + 48 R                        chunk table, row state (allocated with the model)
+    4 R ceil(P / K) + 40 R                        chunk table, row state (allocated with the model)
   + 4 (K + 1) (1 + L S H + ceil(N / K)) + 4 (N + 1)  chunk pool + its free stack, free-page stack
 
-(Qwen3-8B, S = 1024, max_model_len 40960, a 60 GiB pool: 48 + 14 + 108 + 31 MB; the flat
+(Qwen3-8B, S = 1024, max_model_len 40960, a 60 GiB pool: 48 + 12 + 108 + 31 MB; the flat
 `[L, S, H, P]` directory this replaces was 3.0 GB.) `tests/test_memory_bound.py` checks it.
 
 A step is planned once (`plan`, called when the KV connector binds the step, after it released
 finished and preempted requests, before the forward pass) with bulk tensor operations over all
-rows of all layers: slots for new requests, the previous step's verdicts, compactions, page
-allocation and frees, every layer's move of the tokens leaving the window (their K/V were written
-in earlier steps), and the kernel arguments (`StepPlan`; block tables are gathered per layer when
+rows of all layers: slots for new requests, the verdicts on the tokens that left the window in
+the previous step, compactions, page allocation and frees, every layer's move of the kept ones
+(their K/V were written in earlier steps), and the kernel arguments (`StepPlan`; block tables are gathered per layer when
 the layer asks). A layer then only indexes the plan (`write_layer`: the step's K/V and scores;
 `attention/rows.py`: the kernel call). No Python loop over requests, layers or heads, and no host
 synchronisation inside a layer. Sizes come from the host copies in `StepRows` and fixed bounds;
 free stacks keep their counters on the device and pop and push with masks. Device-to-host reads
-all go through `_read`: one per plan (which decoding rows compact, whether new rows had a stale
-slot, the pools' error flags) and one per `reports`; compactions and releases add their own
-(steps where requests start decoding or end). A pool that runs dry is found at the next read
+all go through `_read`: one per plan (which decoding rows compact, how many kept pairs move,
+whether new rows had a stale slot, the pools' error flags) and one per `reports`; compactions and
+releases add their own (steps where requests start decoding or end). A pool that runs dry is found at the next read
 (flags on the device), not before the step's forward pass.
 
 Every per-step tensor has a bound (stated where it is made); the largest are a layer's block table
@@ -77,6 +79,7 @@ from vllm_kvzap.config import PREFILL_MODES
 SCORE_BYTES = 4  # a float32 score per slot, in its page after the values
 WORK_ENTRIES = 1 << 20  # entries per pass of a compaction piece or a release block
 MOVE_PAIRS = 1 << 16  # K/V pairs per gather/scatter of a move
+BLOCK_TABLE_BYTES = 4 << 20  # block tables gathered at once, for as many layers as fit
 
 
 def cdiv(a, b):
@@ -104,29 +107,37 @@ class StepRows:
 
 
 class LayerBlockTables:
-    """The step's block tables, one layer at a time: `[layer]` gathers that layer's `[B * H,
-    width]` int32 (row (b, h) -> its page ids) from the chunk table, when the layer asks.
-    `width = ceil(P_step / chunk) * chunk`, where `P_step` is the host-side bound on the step's
-    longest row (its request's tokens after the step, in pages); at most `max_num_seqs * H_kv *
-    ceil(max_pages / chunk) * chunk * 4` bytes, alive while the layer attends. Columns past a
-    row's pages hold ids the kernel never reads (it stops at the row's `seq_len`)."""
+    """The step's block tables, one layer at a time: `[layer]` is that layer's `[B * H, width]`
+    int32 (row (b, h) -> its page ids), gathered from the chunk table when the layer asks, for it
+    and the next layers as far as `BLOCK_TABLE_BYTES` allows (layers ask in order: one gather for
+    all layers of a small step). `width = ceil(P_step / chunk) * chunk`, where `P_step` is the
+    host-side bound on the step's longest row (its request's tokens after the step, in pages);
+    at most `max(BLOCK_TABLE_BYTES, max_num_seqs * H_kv * ceil(max_pages / chunk) * chunk * 4)`
+    bytes alive. Columns past a row's pages hold ids the kernel never reads (it stops at the
+    row's `seq_len`)."""
 
     def __init__(self, table: PageTable, slots: torch.Tensor, num_chunks: int):
         self.table, self.slots, self.num_chunks = table, slots, num_chunks
+        width = num_chunks * table.chunk
+        self.group = max(1, BLOCK_TABLE_BYTES // (4 * slots.numel() * table.num_heads * width))
+        self.first, self.tables = 0, None  # the gathered layers' first, [layers, B * H, width]
 
     def __len__(self) -> int:
         return self.table.num_layers
 
     def __getitem__(self, layer: int) -> torch.Tensor:
-        t = self.table
-        ids = t.chunk_table[layer, self.slots, :, : self.num_chunks]  # [B, H, c] chunk ids
-        return t.chunks[ids].view(-1, self.num_chunks * t.chunk)
+        if self.tables is None or not 0 <= layer - self.first < self.group:
+            t, c = self.table, self.num_chunks
+            layers = slice(layer, min(layer + self.group, t.num_layers))
+            ids = t.chunk_table[layers, self.slots, :, :c]  # [l, B, H, c] chunk ids
+            self.first, self.tables = layer, t.chunks[ids].view(ids.shape[0], -1, c * t.chunk)
+        return self.tables[layer - self.first]
 
 
 @dataclass
 class StepPlan:
     """Everything a layer needs for this step; leading dim L (layers) where present. Bounds:
-    `seq_lens` 4 L B H bytes, `write_slots` 8 L T H, `query_perm` 8 T H, `row_query_start_loc`
+    `seq_lens` 4 L B H bytes, `write_slots` and `score_index` 8 L T H each, `query_perm` 8 T H, `row_query_start_loc`
     4 (B H + 1); `block_tables` as `LayerBlockTables`."""
 
     num_tokens: int
@@ -135,17 +146,15 @@ class StepPlan:
     row_query_start_loc: torch.Tensor  # [B * H + 1] int32
     query_perm: torch.Tensor | None  # [T * H]: row order -> (token, head) order; None = identity
     write_slots: torch.Tensor  # [L, T * H] int64: physical slot of (token, head)
+    score_index: torch.Tensor  # [L, T * H] int64: its score's float32 element in the buffer
     max_query_len: int = 1  # longest row query in the step
     max_seq_len: int = 0  # bound on every row's resident slots (a multiple of the block size)
 
 
 # Row state fields: pages held; prompt survivors (the ring starts after them); decoding survivors
-# (after the ring); resident slots in the last step; pruned pairs; the probation token's verdict.
-ROW_FIELDS = ("num_pages", "base", "surv", "seq_len", "pruned", "pending")
-NUM_PAGES, BASE, SURV, SEQ_LEN, PRUNED, PENDING = range(len(ROW_FIELDS))
-# `pending`: none; kept; pruned (known at plan time, from the score the token got when written);
-# to be read from its score at the next plan (window 0: the token was written in that step)
-PEND_NONE, PEND_KEEP, PEND_PRUNE, PEND_SCORE = range(4)
+# (after the ring); resident slots in the last step; pruned pairs.
+ROW_FIELDS = ("num_pages", "base", "surv", "seq_len", "pruned")
+NUM_PAGES, BASE, SURV, SEQ_LEN, PRUNED = range(len(ROW_FIELDS))
 KEY_LAYOUTS = ("transposed", "plain")
 # the free stacks (counters in `PageTable._top`) and the error flags (`PageTable._short`)
 PAGES, CHUNKS, SLOTS, BOUND = range(4)
@@ -275,6 +284,9 @@ class PageTable:
         self.slot_scores = torch.empty(0, dtype=torch.float32, device=dev).set_(
             storage, 2 * half * es // 4, (num_pages, block_size), (page_elems * es // 4, 1)
         )
+        self._scores_flat = torch.empty(0, dtype=torch.float32, device=dev).set_(
+            storage, 0, (storage.nbytes() // 4,), (1,)
+        )  # the buffer as float32 elements: `StepPlan.score_index` points into it
         usable = []
         for cache in kv_caches:
             assert cache.shape == first.shape and cache.untyped_storage().data_ptr() == (
@@ -306,7 +318,7 @@ class PageTable:
         self.chunk_table, self.state = directory  # [L, S+1, H, chunks] int32, [.., fields] int64
         self.chunk_table.zero_()
         self.state.zero_()
-        self.num_pages, self.base, self.surv, self.seq_len, self.pruned, self.pending = (
+        self.num_pages, self.base, self.surv, self.seq_len, self.pruned = (
             self.state.unbind(-1)
         )
         # the pool part: chunks of page ids, and the free stacks (`pool_shapes`)
@@ -414,6 +426,11 @@ class PageTable:
         chunk = self.chunk_table[layer, slot.view(1, -1, 1, *extra), head, col // self.chunk]
         return self.chunks[chunk, col % self.chunk], logical % self.block_size
 
+    def _page_at(self, layer, slot, head, logical) -> torch.Tensor:
+        """Page ids of logical slots of single rows (all [M]: layer, request slot, head)."""
+        col = logical // self.block_size
+        return self.chunks[self.chunk_table[layer, slot, head, col // self.chunk], col % self.chunk]
+
     def _phys(self, slot: torch.Tensor, logical: torch.Tensor, layers=None) -> torch.Tensor:
         """Physical slots (page * bs + offset) of logical slots [l, X, H, *rest]."""
         page, offset = self._page_of(slot, logical, layers)
@@ -515,18 +532,14 @@ class PageTable:
             keep = self.heads.own(keep)
         return keep.permute(1, 0, 3, 2)
 
-    def _settle(self, slots: torch.Tensor) -> torch.Tensor:
-        """Apply last step's verdicts on the probation tokens (kept -> survivor, pruned -> its
-        slot is reused); returns the rows' state [L, B, H, fields], not yet written back."""
-        st = self.state[:, slots]
-        pend = st[..., PENDING]
-        if self.window == 0:  # judged from the score its own step wrote
-            keep = self._keep(*self._page_of(slots, st[..., BASE] + st[..., SURV]), slots)
-            pend = torch.where(pend == PEND_SCORE, PEND_PRUNE - keep.long(), pend)
-        st[..., SURV] += pend == PEND_KEEP
-        st[..., PRUNED] += pend == PEND_PRUNE
-        st[..., PENDING] = PEND_NONE
-        return st
+    def _overwritten(self, slots, in_ring, base, surv, over):
+        """The token in the ring slot the next token of each decoding row takes (`in_ring` [B]
+        tokens in its ring so far, `base`, `surv` [L, B, H]): its (page, offset) [L, B, H] and,
+        where `over` ([B]: it left the window in the last step), its verdict (else False)."""
+        R = self.window + 1
+        ring = (base if self.window else base + surv) + (in_ring % R)[None, :, None]
+        page, offset = self._page_of(slots, ring)
+        return page, offset, self._keep(page, offset, slots) & over[None, :, None]
 
     def _pieces(self, lengths_h: torch.Tensor):
         """Split work over prompts of `lengths_h` (host, [C]) into (layers, request indices)
@@ -594,8 +607,7 @@ class PageTable:
             row, C = sel // T, slots.numel()  # row = (layer, request, head) of each moving pair
             lay, req, head = layers[row // (C * H)], slots[(row // H) % C], row % H
             dst = base.flatten()[row] + dest.flatten()[sel]
-            col = dst // bs
-            dst_page = self.chunks[self.chunk_table[lay, req, head, col // K], col % K]
+            dst_page = self._page_at(lay, req, head, dst)
             self._move(page.flatten()[sel], offset.flatten()[sel], dst_page, dst % bs)
         # give back the spare pages and chunks (the step's allocation adds what it needs); they
         # lie in the columns from base // bs on, at most ceil(T / bs) + 1 of them
@@ -659,40 +671,60 @@ class PageTable:
         query_start_loc = rows.query_start_loc.to(dev)
         slots = self.slot_of_key[keys]
 
-        # the plan's one read: the pools' flags, new rows' stale slots, which decoding rows compact
+        # decoding rows whose ring is full: the ring slot the new token takes holds the token
+        # that left the window in the last step, judged now (before the read, which counts the
+        # kept ones: they move to the survivors; the pruned ones are overwritten). Host-side
+        # superset: in_ring = computed - shift >= R needs computed >= R.
+        R = W + 1
+        cand_h = decoding_h & ~fresh_h & (computed_h >= R)
+        verdicts = None
+        num_moves = torch.zeros(1, dtype=torch.int64, device=dev)
+        if bool(cand_h.any()):
+            base0, surv0 = self.base[:, slots], self.surv[:, slots]
+            in_ring0 = computed - self.shift[slots]
+            over = decoding_h.to(dev) & ~self.dense[slots] & (in_ring0 >= R)  # [B]
+            page_o, offset_o, keep = self._overwritten(slots, in_ring0, base0, surv0, over)
+            verdicts = (over, keep, page_o, offset_o, base0 + R + surv0)
+            if W:
+                num_moves = keep.sum().view(1)
+
+        # the plan's one read: the pools' flags, the pairs that move, new rows' stale slots,
+        # which decoding rows compact
         fresh_idx_h, dec_idx_h = fresh_h.nonzero().flatten(), decoding_h.nonzero().flatten()
         compacting_h = decoding_h & fresh_h
+        moves = 0
         if fresh_idx_h.numel() or dec_idx_h.numel():
             fresh_idx, dec_idx = fresh_idx_h.to(dev), dec_idx_h.to(dev)
             stale, dense = (slots[fresh_idx] >= 0).long(), self.dense[slots[dec_idx]].long()
-            got = self._read(torch.cat((self._short, stale, dense)), "plan")
+            got = self._read(torch.cat((self._short, num_moves, stale, dense)), "plan")
             self._check(got[:4])
-            nf = fresh_idx_h.numel()
-            stale_h, dense_h = got[4 : 4 + nf].bool(), got[4 + nf :].bool()
+            moves, nf = int(got[4]), fresh_idx_h.numel()
+            stale_h, dense_h = got[5 : 5 + nf].bool(), got[5 + nf :].bool()
             compacting_h[dec_idx_h[dense_h]] = True
             if bool(stale_h.any()):  # new, or recomputing after preemption: start afresh
                 self._release_slots(slots[fresh_idx_h[stale_h].to(dev)])
             if nf:
                 self._assign_slots(keys[fresh_idx])
                 slots = self.slot_of_key[keys]
-        st = self._settle(slots)
         if bool(compacting_h.any()):  # first decoding step: compact the prompt first
-            self.state[:, slots] = st
             comp_h = compacting_h.nonzero().flatten()
             self._compact(slots[comp_h.to(dev)], computed_h[comp_h])
-            st = self.state[:, slots]
+        st = self.state[:, slots]
         decoding = decoding_h.to(dev)  # [B]; the others are prompt rows
-        npg, base, surv = st[..., NUM_PAGES], st[..., BASE], st[..., SURV]
+        npg, base, surv, pruned = st[..., NUM_PAGES], st[..., BASE], st[..., SURV], st[..., PRUNED]
+        if verdicts is not None:  # rows judged above neither compacted nor started afresh
+            over, keep = verdicts[:2]
+            surv = surv + keep
+            pruned = pruned + (over[None, :, None] & ~keep)
 
-        # this step's logical slots and lengths, per (layer, request, head)
+        # this step's logical slots and lengths, per (layer, request, head): a decoding row is
+        # `base` kept prompt pairs, the ring of R = W + 1 slots (the window and the token
+        # leaving it, which this step's query still sees), then the survivors; with W = 0 the
+        # ring is its one slot after the survivors
         in_ring = computed - self.shift[slots]  # tokens in the ring before this step
-        if W > 0:
-            leaving = decoding & (in_ring >= W)  # [B]: a token leaves the window now
-            new_logical = base + (in_ring % W)[None, :, None]  # decoding rows: its ring slot
-            seq = base + surv + torch.where(leaving, W + 1, in_ring + 1)[None, :, None]
-        else:  # the new token itself goes on probation
-            new_logical = base + surv
-            seq = new_logical + 1
+        ring_start = base if W else base + surv
+        new_logical = ring_start + (in_ring % R)[None, :, None]
+        seq = base + surv + (in_ring + 1).clamp(max=R)[None, :, None]
         # prompt rows (dense, or compacted after an earlier chunk: `base` kept pairs, then the
         # tokens from `shift` on in order): the chunk follows the resident slots
         prompt_start = base - self.shift[slots][None, :, None]  # [L, B, H]: slot of position 0
@@ -705,31 +737,18 @@ class PageTable:
         self._grow(slots, npg, need, cdiv(qlens_h, bs))
         npg = torch.maximum(npg, need)
 
-        # the ring slots the new tokens take, and verdicts for the tokens leaving them
-        if W > 0:
-            # [L, B, H, 2]: the new token's ring slot (holding the leaving token until this
-            # step writes), and the probation slot the leaving token moves to
-            page, offset = self._page_of(slots, torch.stack((new_logical, base + W + surv), -1))
-            phys_new = page[..., 0].long() * bs + offset[..., 0]
-            keep = self._keep(page[..., 0], offset[..., 0], slots)
-            pend = torch.where(leaving[None, :, None], PEND_PRUNE - keep.long(), PEND_NONE)
-            # rows with a token leaving: decoding rows past the window (host-side: after their
-            # compaction, in_ring = min(prompt, W) + decoded >= W iff computed >= W)
-            cand_h = decoding_h & (computed_h >= W)
-            if bool(cand_h.any()):  # all layers' leaving tokens -> their probation slots
-                if not bool(cand_h.all()):
-                    cand = cand_h.nonzero().flatten().to(dev)
-                    page, offset, leaving = page[:, cand], offset[:, cand], leaving[cand]
-                go = leaving[None, :, None].expand(page.shape[:3])
-                dst_page = torch.where(go, page[..., 1], self._dump_page)
-                self._move_pairs(
-                    page[..., 0].flatten(), offset[..., 0].flatten(),
-                    dst_page.flatten(), offset[..., 1].flatten(),
-                )  # fmt: skip
-        else:
-            phys_new = self._phys(slots, new_logical)  # [L, B, H]
-            pend = torch.where(decoding, PEND_SCORE, PEND_NONE)[None, :, None].expand(L, B, H)
-        self.state[:, slots] = torch.stack((npg, base, surv, seq, st[..., PRUNED], pend), -1)
+        # the kept tokens leaving the ring -> the survivors' next slot (all layers at once)
+        if moves:
+            _, keep, page_o, offset_o, dst = verdicts
+            sel = torch.nonzero_static(keep.flatten(), size=moves).flatten()
+            layer, b, head = sel // (B * H), (sel // H) % B, sel % H
+            dst = dst.flatten()[sel]
+            dst_page = self._page_at(layer, slots[b], head, dst)
+            self._move_pairs(
+                page_o.flatten()[sel], offset_o.flatten()[sel], dst_page, dst % bs
+            )
+        phys_new = self._phys(slots, new_logical)  # [L, B, H]
+        self.state[:, slots] = torch.stack((npg, base, surv, seq, pruned), -1)
         self._report = (keys, slots)
         self._chunk_rows = None
         if self.chunked_prefill and not bool(decoding_h.all()):
@@ -772,6 +791,7 @@ class PageTable:
             row_query_start_loc=row_qsl,
             query_perm=perm,
             write_slots=write_slots,
+            score_index=self._score_index(write_slots),
             max_query_len=max(1, max_qlen),
             max_seq_len=num_cols * bs,
         )
@@ -780,6 +800,10 @@ class PageTable:
         """Entries (row, j) for j < bound of each row of rows [L, B, H] (flattened), with a
         host-side bound per request (bound_h [B]): L H sum(bound_h) entries, in row order."""
         L, B, H = shape
+        if B and bool((bound_h == bound_h[0]).all()):  # the same bound (decoding: 1) everywhere
+            n = int(bound_h[0])
+            row = torch.arange(L * B * H, device=self.device).repeat_interleave(n)
+            return row, torch.arange(n, device=self.device).repeat(L * B * H)
         per_row = bound_h.to(self.device)[None, :, None].expand(L, B, H).flatten()
         total = L * H * int(bound_h.sum())
         row = torch.repeat_interleave(
@@ -818,13 +842,17 @@ class PageTable:
         target = torch.where(valid, chunk.long() * K + col % K, 0)  # chunk 0: the dump
         self.chunks.view(-1)[target] = ids
 
+    def _score_index(self, phys: torch.Tensor) -> torch.Tensor:
+        """float32 elements of `_scores_flat` holding the scores of physical slots `phys`."""
+        page, offset = phys // self.block_size, phys % self.block_size
+        return page * self.slot_scores.stride(0) + self.slot_scores.storage_offset() + offset
+
     def write_layer(self, plan: StepPlan, layer_idx: int, key, value, scores, isa: str) -> None:
         """Before the layer's attention: write the step's K/V and scores into their slots (vLLM's
         `cpu_attn_reshape_and_cache` for the transposed layout, an index copy for the plain one;
-        `isa` is the CPU kernel's). Temporaries: a few [T * H] index tensors."""
+        `isa` is the CPU kernel's); scores through the plan's `score_index`."""
         slots = plan.write_slots[layer_idx]
         T, H, D = plan.num_tokens, self.num_heads, self.head_size
-        page, offset = slots // self.block_size, slots % self.block_size
         if self.key_layout == "transposed":
             from vllm_kvzap.compat import cpu_attn_reshape_and_cache
 
@@ -837,9 +865,10 @@ class PageTable:
                 isa,
             )
         else:
+            page, offset = slots // self.block_size, slots % self.block_size
             self._keys[page, offset] = key[:T].reshape(T * H, D).to(self._keys.dtype)
             self._values[page, offset] = value[:T].reshape(T * H, D).to(self._values.dtype)
-        self.slot_scores[page, offset] = scores[:T].reshape(-1).float()
+        self._scores_flat[plan.score_index[layer_idx]] = scores[:T].reshape(-1).float()
 
     def finish_step(self) -> None:
         """After the step's forward pass (its K/V and scores are written), with chunked prefill:
@@ -887,8 +916,12 @@ class PageTable:
                 page, offset = self._page_of(slots, positions, layers)
                 keep = self._prompt_keep(page, offset, slots, lengths.to(self.device))
                 pruned[l0:l1] = (~keep).sum((1, 2, 3))
-        else:
-            self.state[:, slots] = self._settle(slots)
-            pruned = self.pruned[:, slot].sum(-1)
+        else:  # the token that left the window in the last step is judged here
+            in_ring = self.num_tokens[slots] - self.shift[slots]
+            over = in_ring > self.window
+            _, _, keep = self._overwritten(
+                slots, in_ring, self.base[:, slots], self.surv[:, slots], over
+            )
+            pruned = (self.pruned[:, slots] + (over[None, :, None] & ~keep)).sum((1, 2))
         pages = int(self.num_pages[:, slot].sum())
         return pruned.tolist(), max(int(self.peak_pages[slot]), pages), pages
