@@ -372,6 +372,7 @@ def summarise(cases: list[Case], res: dict, reference: dict | None) -> dict:
             round(sum(s["pruned_fraction_per_layer"][j] for s in st) / len(st), 4)
             for j in range(layers)]  # fmt: skip
         point["kv_bytes_end_per_request"] = sum(s["resident_kv_bytes_end"] for s in st) / len(st)
+        point["kv_bytes_peak_per_request"] = sum(s["resident_kv_bytes_peak"] for s in st) / len(st)
         point["dense_kv_bytes_per_request"] = sum(s["dense_kv_bytes"] for s in st) / len(st)
     else:
         point["pruned_fraction"] = 0.0
@@ -388,18 +389,28 @@ METRICS = (("passkey", "passkey accuracy"), ("facts", "facts accuracy"),
            ("chat_logprob", "chat: mean log-prob of the unpruned answer"))  # fmt: skip
 
 
+def peak_kv(p: dict) -> str:
+    """A point's peak KV per request as a fraction of its dense KV ("-" where not measured)."""
+    if "kv_bytes_peak_per_request" not in p:
+        return "-"
+    return f"{p['kv_bytes_peak_per_request'] / p['dense_kv_bytes_per_request']:.3f}"
+
+
 def table(results: dict) -> str:
-    """One row per point; the prefill column only when some rows are not dense."""
+    """One row per point; the prefill column only when some rows are not dense; peak KV: a
+    request's peak resident KV over its dense KV (chunked prefill lowers it)."""
     base, series = results["unpruned"], results["methods"]
     prefills = any(p.get("prefill", "dense") != "dense" for ps in series.values() for p in ps)
 
     def row(method: str, prefill: str, target: str, p: dict) -> str:
         return (f"{method:>13} " + (f"{prefill:>7} " if prefills else "")
                 + f"{target:>6} {p.get('pruned_fraction', 0.0):6.3f} "
-                + " ".join(f"{p.get(k, float('nan')):10.3f}" for k, _ in METRICS))  # fmt: skip
+                + " ".join(f"{p.get(k, float('nan')):10.3f}" for k, _ in METRICS)
+                + f" {peak_kv(p):>7}")  # fmt: skip
 
     head = (f"{'method':>13} " + (f"{'prefill':>7} " if prefills else "")
-            + f"{'target':>6} {'pruned':>6} " + " ".join(f"{k[:10]:>10}" for k, _ in METRICS))
+            + f"{'target':>6} {'pruned':>6} " + " ".join(f"{k[:10]:>10}" for k, _ in METRICS)
+            + f" {'peak KV':>7}")
     rows = [head, "-" * len(head), row("unpruned", "-", "-", {**base, "pruned_fraction": 0.0})]
     for name, points in series.items():
         for p in points:

@@ -63,10 +63,12 @@ def test_agreement_is_positionwise_against_the_reference():
     ref = {"tokens": {0: [5, 6, 7, 8]}}
     res = {"tokens": {0: [5, 9, 7, 1]}, "texts": {0: ""}, "logprob": {0: -0.5},
            "stats": [{"pruned_fraction": 0.4, "pruned_fraction_per_layer": [0.4],
-                      "resident_kv_bytes_end": 10, "dense_kv_bytes": 20}]}  # fmt: skip
+                      "resident_kv_bytes_end": 10, "resident_kv_bytes_peak": 16,
+                      "dense_kv_bytes": 20}]}  # fmt: skip
     point = qb.summarise(cases, res, ref)
     assert point["chat_agreement"] == 0.5 and point["chat_logprob"] == -0.5
     assert point["pruned_fraction"] == 0.4
+    assert qb.peak_kv(point) == "0.800" and qb.peak_kv({}) == "-"
 
 
 def test_chunked_prefill_engines_split_prompts_and_dense_ones_keep_their_settings():
@@ -91,10 +93,12 @@ def test_table_shows_chunked_rows_beside_dense_ones(capsys):
     both = {"unpruned": metrics, "methods": {
         "kvzap-mlp": [{**point, "method": "kvzap-mlp", "prefill": "dense"}],
         "kvzap-mlp chunked": [{**point, "method": "kvzap-mlp", "prefill": "chunked",
-                               "pruned_fraction": 0.51}]}}  # fmt: skip
+                               "pruned_fraction": 0.51, "kv_bytes_peak_per_request": 3,
+                               "dense_kv_bytes_per_request": 8}]}}  # fmt: skip
     rows = qb.table(both).splitlines()
     assert rows[0].split()[:4] == ["method", "prefill", "target", "pruned"]
     assert rows[2].split()[:4] == ["unpruned", "-", "-", "0.000"]
     assert [r.split()[:4] for r in rows[3:]] == [["kvzap-mlp", "dense", "0.50", "0.480"],
                                                  ["kvzap-mlp", "chunked", "0.50", "0.510"]]
-    assert rows[4].split()[4:] == ["1.000", "0.500", "0.250", "-0.750"]
+    assert rows[4].split()[4:] == ["1.000", "0.500", "0.250", "-0.750", "0.375"]
+    assert rows[0].split()[-2:] == ["peak", "KV"] and rows[3].split()[-1] == "-"
