@@ -144,6 +144,36 @@ def run_non_scheduled_forwards(llm) -> dict:
 
 
 @contextlib.contextmanager
+def offline_engine(in_process: bool = False, **llm_kwargs):
+    """vLLM's offline `LLM(**llm_kwargs)`, shut down and collected on exit. `in_process`: the
+    engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, restored on exit), so
+    that a test reads the scheduler's block pool (and, with `distributed_executor_backend="uni"`,
+    the worker's page table) directly."""
+    import gc
+
+    from vllm import LLM
+
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    old = os.environ.get(key)
+    if in_process:
+        os.environ[key] = "0"
+    try:
+        llm = LLM(**llm_kwargs)
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+    finally:
+        if in_process:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+@contextlib.contextmanager
 def counting_preemptions(scheduler):
     """The ids of the requests the scheduler preempts inside the block, in order."""
     preempted: list[str] = []

@@ -2,7 +2,9 @@
 
 Paged mode (the default) everywhere, plus one engine in mask mode.
 
-- threshold -inf: tokens equal plain vLLM's (plugin off), token for token;
+- threshold -inf, per request (beside the same prompts at the engine's -4, in one batch): tokens
+  equal plain vLLM's (plugin off), token for token, nothing pruned (the engine-level -inf against
+  plain vLLM is `test_gpu_benchmark.py`'s smoke flow);
 - threshold -4: tokens, log-probabilities and per-layer pruned pairs equal the plain-torch DMS
   reference (`reference_dms.py`, which masks pruned pairs explicitly), for prompts shorter and
   longer than the window and across many decoding steps, with and without chunked prefill.
@@ -11,15 +13,15 @@ One engine at a time (module-scoped, shut down after generating): start-up costs
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
+from tests.engine_harness import offline_engine
 from tests.reference_dms import dms_generate
 from vllm_kvzap.stats import wait_for_stats
 
 WINDOW = 16
+THRESHOLD = -4.0
 MAX_TOKENS = 40
 PROMPT_LENS = (9, 40, 150)  # shorter than the window, and longer
 
@@ -29,34 +31,47 @@ def prompts() -> list[list[int]]:
     return [torch.randint(10, 900, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def run_engine(tiny, tmp_path_factory, pruning: dict | None, **engine_kwargs) -> dict:
-    """Generate greedily for `prompts()` in one engine, then shut it down."""
-    from vllm import LLM, SamplingParams
+def sampling(value=None, max_tokens: int = MAX_TOKENS, logprobs: int | None = 1):
+    """Greedy, `max_tokens` long; `value`: the request's own `extra_args["kv_pruning"]`."""
+    from vllm import SamplingParams
 
-    stats_path = tmp_path_factory.mktemp("stats") / "stats.jsonl"
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                          logprobs=logprobs,
+                          extra_args=None if value is None else {"kv_pruning": value})  # fmt: skip
+
+
+def llm_kwargs(tiny, stats_path, pruning: dict | None, **engine_kwargs) -> dict:
     additional = {}
     if pruning is not None:
         additional = {"kv_pruning": {**pruning, "stats_path": str(stats_path)}}
-    llm = LLM(
-        model=str(tiny["model"]),
-        dtype="float32",
-        max_model_len=1024,
-        kv_cache_memory_bytes=64 * 2**20,
-        seed=0,
-        additional_config=additional,
-        **engine_kwargs,
-    )
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1)
-    try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params)
-        stats = {}
-        if pruning is not None:
-            stats = {s["request_id"]: s for s in wait_for_stats(stats_path, len(outs))}
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-    return {"results": greedy_results(outs, stats), "num_stats": len(stats)}
+    return dict(model=str(tiny["model"]), dtype="float32", max_model_len=1024,
+                kv_cache_memory_bytes=64 * 2**20, seed=0, additional_config=additional,
+                **engine_kwargs)  # fmt: skip
+
+
+def generate_prompts(llm, stats_path, pruning: dict | None, per_request=None) -> dict:
+    """Greedy generation for `prompts()` at the engine's options (`results`) and, with
+    `per_request`, for the same prompts once more in the same batch, each request with that value
+    of its own (`per_request`)."""
+    values = [None] * len(PROMPT_LENS)
+    if per_request is not None:
+        values += [per_request] * len(PROMPT_LENS)
+    requests = prompts() * (len(values) // len(PROMPT_LENS))
+    outs = llm.generate([{"prompt_token_ids": p} for p in requests], [sampling(v) for v in values])
+    stats = {}
+    if pruning is not None:
+        stats = {s["request_id"]: s for s in wait_for_stats(stats_path, len(outs))}
+    results = greedy_results(outs, stats)
+    n = len(PROMPT_LENS)
+    return {"results": results[:n], "per_request": results[n:], "num_stats": len(stats)}
+
+
+def run_engine(tiny, tmp_path_factory, pruning: dict | None, per_request=None,
+               **engine_kwargs) -> dict:  # fmt: skip
+    """`generate_prompts` in one engine, then shut it down."""
+    stats_path = tmp_path_factory.mktemp("stats") / "stats.jsonl"
+    with offline_engine(**llm_kwargs(tiny, stats_path, pruning, **engine_kwargs)) as llm:
+        return generate_prompts(llm, stats_path, pruning, per_request)
 
 
 def greedy_results(outs, stats: dict) -> list[dict]:
@@ -70,36 +85,35 @@ def greedy_results(outs, stats: dict) -> list[dict]:
     return results
 
 
+# ---------------------------------------------------------------------------------------- engines
+
+
+def mlp_pruning(tiny, **options) -> dict:
+    return {"method": "kvzap-mlp", "threshold": THRESHOLD, "window": WINDOW,
+            "surrogate": str(tiny["mlp"]), **options}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def baseline(tiny_model_dir, tmp_path_factory):
     return run_engine(tiny_model_dir, tmp_path_factory, pruning=None)
 
 
 @pytest.fixture(scope="module")
-def pruned_inf(tiny_model_dir, tmp_path_factory):
-    pruning = {"method": "kvzap-mlp", "threshold": "-inf", "window": WINDOW,
-               "surrogate": str(tiny_model_dir["mlp"])}  # fmt: skip
-    return run_engine(tiny_model_dir, tmp_path_factory, pruning)
-
-
-@pytest.fixture(scope="module")
 def pruned_mlp(tiny_model_dir, tmp_path_factory):
-    pruning = {"method": "kvzap-mlp", "threshold": -4, "window": WINDOW,
-               "surrogate": str(tiny_model_dir["mlp"])}  # fmt: skip
-    return run_engine(tiny_model_dir, tmp_path_factory, pruning)
+    return run_engine(tiny_model_dir, tmp_path_factory, mlp_pruning(tiny_model_dir),
+                      per_request="-inf")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def pruned_mlp_mask(tiny_model_dir, tmp_path_factory):
-    pruning = {"method": "kvzap-mlp", "threshold": -4, "window": WINDOW, "mode": "mask",
-               "surrogate": str(tiny_model_dir["mlp"])}  # fmt: skip
+    pruning = mlp_pruning(tiny_model_dir, mode="mask")
     return run_engine(tiny_model_dir, tmp_path_factory, pruning)
 
 
 @pytest.fixture(scope="module")
 def pruned_linear_chunked(tiny_model_dir, tmp_path_factory):
     # 32-token budget per step: the 40- and 150-token prompts are prefilled in several chunks.
-    pruning = {"method": "kvzap-linear", "threshold": -4, "window": WINDOW,
+    pruning = {"method": "kvzap-linear", "threshold": THRESHOLD, "window": WINDOW,
                "surrogate": str(tiny_model_dir["linear"])}  # fmt: skip
     return run_engine(
         tiny_model_dir, tmp_path_factory, pruning,
@@ -107,11 +121,17 @@ def pruned_linear_chunked(tiny_model_dir, tmp_path_factory):
     )  # fmt: skip
 
 
-def test_minus_inf_threshold_matches_plain_vllm(baseline, pruned_inf):
-    for base, pruned in zip(baseline["results"], pruned_inf["results"]):
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_minus_inf_threshold_matches_plain_vllm(baseline, pruned_mlp):
+    assert len(pruned_mlp["per_request"]) == len(baseline["results"])
+    for base, pruned in zip(baseline["results"], pruned_mlp["per_request"]):
         assert pruned["tokens"] == base["tokens"]
         assert pruned["logprobs"] == pytest.approx(base["logprobs"], abs=1e-3)
-        assert pruned["stats"]["pruned_fraction"] == 0.0
+        stats = pruned["stats"]
+        assert stats["per_request"] and stats["threshold"] == float("-inf")  # the value was used
+        assert stats["pruned_fraction"] == 0.0
 
 
 def check_against_reference(
@@ -169,9 +189,9 @@ def test_pruning_changes_outputs(baseline, pruned_mlp):
 
 
 def test_one_statistics_line_per_request(pruned_mlp):
-    assert pruned_mlp["num_stats"] == len(PROMPT_LENS)
+    assert pruned_mlp["num_stats"] == 2 * len(PROMPT_LENS)  # engine-level and per-request -inf
     required = {"request_id", "num_prompt_tokens", "num_output_tokens",
                 "pruned_fraction_per_layer", "pruned_fraction"}  # fmt: skip
-    for result in pruned_mlp["results"]:
+    for result in pruned_mlp["results"] + pruned_mlp["per_request"]:
         assert required <= set(result["stats"])
         assert len(result["stats"]["pruned_fraction_per_layer"]) == 4
