@@ -1,17 +1,30 @@
 """End to end through vLLM's offline `LLM`, against independent references.
 
-Paged mode (the default) everywhere, plus one engine in mask mode.
-
-- threshold -inf, per request (beside the same prompts at the engine's -4, in one batch): tokens
-  equal plain vLLM's (plugin off), token for token, nothing pruned (the engine-level -inf against
-  plain vLLM is `test_gpu_benchmark.py`'s smoke flow);
+Five engines, one at a time (module-scoped, each shut down once it has generated; a start-up costs
+~40 s compiled, ~20 s eager, on 2 cores):
+- `baseline`: plain vLLM (plugin off);
+- `pruned_mlp`: kvzap-mlp, threshold -4, window 16, paged mode (the default), under vLLM's default
+  compilation in a fresh `VLLM_CACHE_ROOT` (the inductor code it generated is read back);
+- `pruned_mlp_eager`: the same options with `enforce_eager=True`;
+- `pruned_mlp_mask`: the same options in mask mode;
+- `pruned_linear_chunked`: kvzap-linear with chunked prefill (32-token steps).
+Checked:
 - threshold -4: tokens, log-probabilities and per-layer pruned pairs equal the plain-torch DMS
   reference (`reference_dms.py`, which masks pruned pairs explicitly), for prompts shorter and
-  longer than the window and across many decoding steps, with and without chunked prefill.
-One engine at a time (module-scoped, shut down after generating): start-up costs ~40 s.
+  longer than the window and across many decoding steps, with and without chunked prefill, for the
+  MLP and the linear surrogate; mask mode makes the same decisions as paged mode;
+- threshold -inf, per request, beside the same prompts at the engine's -4 in one batch: plain
+  vLLM's tokens and log-probabilities, nothing pruned (the engine-level -inf against plain vLLM is
+  `test_gpu_benchmark.py`'s smoke flow);
+- compilation: the engine is not forced into eager mode, and the inductor code it generated calls
+  the scoring op `vllm_kvzap::save_scores` once per layer, in place on the buffer the layer's
+  projections then read, before that layer's attention op; its tokens and per-layer pruned pairs
+  equal the eager engine's exactly (the op without an engine: `test_compile.py`).
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -100,8 +113,23 @@ def baseline(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pruned_mlp(tiny_model_dir, tmp_path_factory):
+    # vLLM keeps its AOT-compile artifacts and inductor's output code under VLLM_CACHE_ROOT
+    # (read by the engine processes, which inherit the environment): a fresh root per run means
+    # a fresh compile, and the generated code can be read back.
+    cache_root = tmp_path_factory.mktemp("vllm_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_CACHE_ROOT", str(cache_root))
+        run = run_engine(tiny_model_dir, tmp_path_factory, mlp_pruning(tiny_model_dir),
+                         per_request="-inf")  # fmt: skip
+    sources = [p.read_text() for p in cache_root.rglob("*.py")]
+    return {**run, "inductor_code": [s for s in sources if "torch.ops.vllm_kvzap.save_scores" in s]}
+
+
+@pytest.fixture(scope="module")
+def pruned_mlp_eager(tiny_model_dir, tmp_path_factory):
+    # the same batch as `pruned_mlp`'s: compiled == eager compares like with like
     return run_engine(tiny_model_dir, tmp_path_factory, mlp_pruning(tiny_model_dir),
-                      per_request="-inf")  # fmt: skip
+                      per_request="-inf", enforce_eager=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +223,37 @@ def test_one_statistics_line_per_request(pruned_mlp):
     for result in pruned_mlp["results"] + pruned_mlp["per_request"]:
         assert required <= set(result["stats"])
         assert len(result["stats"]["pruned_fraction_per_layer"]) == 4
+
+
+# ------------------------------------------------------------------------------------ compilation
+
+
+def test_scoring_runs_inside_the_compiled_graph_before_each_attention(pruned_mlp):
+    assert len(pruned_mlp["inductor_code"]) == 1, "expected one inductor graph calling the op"
+    code = pruned_mlp["inductor_code"][0]
+    # The wrapper's `call` runs its lines in order. Per layer: the op, in place on the buffer
+    # that holds the self-attention input, then a read of that same buffer (the projection),
+    # then the attention op. A copy (auto_functionalized not reinplaced) would show as a clone.
+    events, scored = [], None
+    for line in code[code.index("def call(") :].splitlines():
+        if m := re.search(r"torch\.ops\.vllm_kvzap\.save_scores\.default\((\w+), \w+, (\d+)\)", line):
+            events.append(f"score {m[2]}")
+            scored = m[1]
+        elif "torch.ops.vllm.unified_attention_with_output.default(" in line:
+            events.append("attention")
+        elif scored is not None and re.search(rf"\(.*\b{scored}\b", line):
+            events.append("read")
+            scored = None
+    assert events == [e for layer in range(4) for e in (f"score {layer}", "read", "attention")]
+    assert "clone" not in code
+
+
+def test_compiled_equals_eager(pruned_mlp, pruned_mlp_eager):
+    fractions = []
+    for comp, eag in zip(pruned_mlp["results"] + pruned_mlp["per_request"],
+                         pruned_mlp_eager["results"] + pruned_mlp_eager["per_request"],
+                         strict=True):  # fmt: skip
+        assert comp["tokens"] == eag["tokens"]
+        assert comp["stats"]["pruned_pairs_per_layer"] == eag["stats"]["pruned_pairs_per_layer"]
+        fractions.append(comp["stats"]["pruned_fraction"])
+    assert max(fractions) > 0.2  # scoring really ran: with no flags nothing would be pruned
