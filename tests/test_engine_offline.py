@@ -5,7 +5,8 @@ Five engines, one at a time (module-scoped, each shut down once it has generated
 - `baseline`: plain vLLM (plugin off);
 - `pruned_mlp`: kvzap-mlp, threshold -4, window 16, paged mode (the default), under vLLM's default
   compilation in a fresh `VLLM_CACHE_ROOT` (the inductor code it generated is read back);
-- `pruned_mlp_eager`: the same options with `enforce_eager=True`;
+- `pruned_mlp_eager`: the same options with `enforce_eager=True`, then a batch of per-request
+  thresholds and bad per-request values;
 - `pruned_mlp_mask`: the same options in mask mode;
 - `pruned_linear_chunked`: kvzap-linear with chunked prefill (32-token steps).
 Checked:
@@ -19,7 +20,12 @@ Checked:
 - compilation: the engine is not forced into eager mode, and the inductor code it generated calls
   the scoring op `vllm_kvzap::save_scores` once per layer, in place on the buffer the layer's
   projections then read, before that layer's attention op; its tokens and per-layer pruned pairs
-  equal the eager engine's exactly (the op without an engine: `test_compile.py`).
+  equal the eager engine's exactly (the op without an engine: `test_compile.py`);
+- per-request thresholds (`SamplingParams.extra_args["kv_pruning"]`; the intake's forms and
+  refusals without an engine: `test_request_options.py`): requests with different values in one
+  batch produce the tokens, log-probs and pruned pairs of the reference at that threshold as an
+  engine-level option, and their statistics lines record the value each one used; a bad value is a
+  `ValueError` naming the key at `generate`, after which the engine still serves.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import torch
 
 from tests.engine_harness import offline_engine
 from tests.reference_dms import dms_generate
+from vllm_kvzap.config import KVPruningConfig
+from vllm_kvzap.request_options import request_value
 from vllm_kvzap.stats import wait_for_stats
 
 WINDOW = 16
@@ -98,6 +106,36 @@ def greedy_results(outs, stats: dict) -> list[dict]:
     return results
 
 
+# ------------------------------------------------------------------ per-request thresholds (eager)
+
+PER_REQUEST_LENS = (150, 90, 200, 120, 60)
+PER_REQUEST_VALUES = (None, -2.5, "none", {"threshold": -6.0}, -3.0)
+PER_REQUEST_TOKENS = 20
+BAD_VALUES = ("low", {"ratio": 0.5}, float("nan"))
+
+
+def per_request_prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(10, 900, (n,), generator=g).tolist() for n in PER_REQUEST_LENS]
+
+
+def serve_per_request_batch(llm, stats_path, lines_before: int) -> dict:
+    """One batch, each request with its own value; the bad values at intake; then one request
+    more (the engine serves on)."""
+    prompts_ = [{"prompt_token_ids": p} for p in per_request_prompts()]
+    params = [sampling(v, PER_REQUEST_TOKENS) for v in PER_REQUEST_VALUES]
+    outs = llm.generate(prompts_, params, use_tqdm=False)
+    lines = wait_for_stats(stats_path, lines_before + len(outs))
+    stats = {s["request_id"]: s for s in lines}
+    refusals = {}
+    for bad in BAD_VALUES:
+        with pytest.raises(ValueError) as e:
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}], sampling(bad, 2, None), use_tqdm=False)
+        refusals[repr(bad)] = str(e.value)
+    after = llm.generate(prompts_[:1], sampling(None, PER_REQUEST_TOKENS, None), use_tqdm=False)
+    return {"outs": outs, "stats": stats, "refusals": refusals, "after": after}
+
+
 # ---------------------------------------------------------------------------------------- engines
 
 
@@ -127,9 +165,14 @@ def pruned_mlp(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pruned_mlp_eager(tiny_model_dir, tmp_path_factory):
-    # the same batch as `pruned_mlp`'s: compiled == eager compares like with like
-    return run_engine(tiny_model_dir, tmp_path_factory, mlp_pruning(tiny_model_dir),
-                      per_request="-inf", enforce_eager=True)  # fmt: skip
+    # the same batch as `pruned_mlp`'s (compiled == eager compares like with like), then more
+    stats_path = tmp_path_factory.mktemp("stats_eager") / "stats.jsonl"
+    pruning = mlp_pruning(tiny_model_dir)
+    kwargs = llm_kwargs(tiny_model_dir, stats_path, pruning, enforce_eager=True)
+    with offline_engine(**kwargs) as llm:
+        run = generate_prompts(llm, stats_path, pruning, per_request="-inf")
+        run["per_request_batch"] = serve_per_request_batch(llm, stats_path, run["num_stats"])
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +300,39 @@ def test_compiled_equals_eager(pruned_mlp, pruned_mlp_eager):
         assert comp["stats"]["pruned_pairs_per_layer"] == eag["stats"]["pruned_pairs_per_layer"]
         fractions.append(comp["stats"]["pruned_fraction"])
     assert max(fractions) > 0.2  # scoring really ran: with no flags nothing would be pruned
+
+
+# --------------------------------------------------------------------------- per-request values
+
+
+def test_per_request_thresholds_equal_engine_level_ones(tiny_model_dir, pruned_mlp_eager):
+    batch = pruned_mlp_eager["per_request_batch"]
+    outs, stats = batch["outs"], batch["stats"]
+    config = KVPruningConfig.from_dict(mlp_pruning(tiny_model_dir))
+    values = [request_value(None if v is None else {"kv_pruning": v}, config)
+              for v in PER_REQUEST_VALUES]  # fmt: skip
+    for out, prompt, value in zip(outs, per_request_prompts(), values, strict=True):
+        ref = dms_generate(tiny_model_dir["model"], tiny_model_dir["mlp"], prompt,
+                           PER_REQUEST_TOKENS, threshold=THRESHOLD if value is None else value,
+                           window=WINDOW)  # fmt: skip
+        got = out.outputs[0]
+        assert list(got.token_ids) == ref["output_ids"], value
+        for tok, lp, logits in zip(got.token_ids, got.logprobs, ref["logits"]):
+            want = float(torch.log_softmax(logits.double(), dim=-1)[tok])
+            assert abs(lp[tok].logprob - want) < 1e-3
+        s = stats[out.request_id]
+        assert s["pruned_pairs_per_layer"] == [int(m.sum()) for m in ref["pruned_mask"]], value
+        assert s["threshold"] == (THRESHOLD if value is None else value)
+        assert s.get("per_request", False) == (value is not None)
+    pruned = [stats[o.request_id]["pruned_fraction"] for o in outs]
+    assert pruned[2] == 0.0 and min(pruned[0], pruned[1], pruned[3]) > 0.0  # the values matter
+    assert len({round(p, 6) for p in pruned}) == len(pruned)
+
+
+def test_bad_values_are_refused_at_intake_and_the_engine_goes_on(pruned_mlp_eager):
+    batch = pruned_mlp_eager["per_request_batch"]
+    assert set(batch["refusals"]) == {repr(v) for v in BAD_VALUES}
+    for message in batch["refusals"].values():
+        assert 'extra_args["kv_pruning"]' in message
+    first = batch["outs"][0].outputs[0].token_ids
+    assert list(batch["after"][0].outputs[0].token_ids) == list(first)

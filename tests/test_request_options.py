@@ -1,10 +1,11 @@
 """Per-request thresholds and ratios (`SamplingParams.extra_args["kv_pruning"]`).
 
-Intake: every accepted form and every refusal of `request_options.request_value`, and through vLLM
-a bad value is a `ValueError` naming the key at `generate`, after which the engine still serves.
-Engine: requests with different thresholds (ratios) in one batch produce the tokens, log-probs and
-pruned pairs of the independent reference run at that threshold (ratio) as an engine-level option
-(`reference_dms.dms_generate`), and their statistics lines record the value each one used.
+Intake: every accepted form and every refusal of `request_options.request_value`. Engine: requests
+with different ratios in one batch produce the tokens, log-probs and pruned pairs of the
+independent reference run at that ratio as an engine-level option (`reference_dms.dms_generate`),
+and their statistics lines record the value each one used. The same for thresholds, and a bad
+value as a `ValueError` naming the key at `generate` after which the engine still serves, are
+checked in `test_engine_offline.py`'s eager engine, which serves that batch beside its own.
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ def test_window_baseline_may_switch_off():
 # ---------------------------------------------------------------------------------------- engine
 
 PROMPT_LENS = (150, 90, 200, 120, 60)
-THRESHOLD_REQUESTS = (None, -2.5, "none", {"threshold": -6.0}, -3.0)
 RATIO_REQUESTS = (None, 0.3, "none", {"ratio": 0.8}, 0.45)
 
 
@@ -122,31 +122,6 @@ def generate(llm, values, stats_path):
 
 
 @pytest.fixture(scope="module")
-def threshold_run(tiny_model_dir, tmp_path_factory):
-    stats_path = tmp_path_factory.mktemp("per_request") / "stats.jsonl"
-    llm = engine(tiny_model_dir, THRESHOLD_ENGINE, stats_path)
-    try:
-        outs, stats = generate(llm, THRESHOLD_REQUESTS, stats_path)
-        refusals = {}
-        from vllm import SamplingParams
-
-        for bad in ("low", {"ratio": 0.5}, float("nan")):
-            with pytest.raises(ValueError) as e:
-                llm.generate([{"prompt_token_ids": [5, 6, 7]}],
-                             SamplingParams(max_tokens=2, extra_args={"kv_pruning": bad}),
-                             use_tqdm=False)  # fmt: skip
-            refusals[repr(bad)] = str(e.value)
-        after = llm.generate([{"prompt_token_ids": prompts()[0]}],
-                             SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
-                                            ignore_eos=True), use_tqdm=False)  # fmt: skip
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-    return outs, stats, refusals, after
-
-
-@pytest.fixture(scope="module")
 def ratio_run(tiny_model_dir, tmp_path_factory):
     stats_path = tmp_path_factory.mktemp("per_request_ratio") / "stats.jsonl"
     llm = engine(tiny_model_dir, RATIO_ENGINE, stats_path)
@@ -174,28 +149,6 @@ def check_against_reference(outs, stats, references, values, field, engine_value
         assert s["pruned_pairs_per_layer"] == [int(m.sum()) for m in ref["pruned_mask"]], value
         assert s[field] == (engine_value if value is None else value)
         assert s.get("per_request", False) == (value is not None)
-
-
-def test_per_request_thresholds_equal_engine_level_ones(tiny_model_dir, threshold_run):
-    outs, stats, _, _ = threshold_run
-    values = _effective(THRESHOLD_REQUESTS, THRESHOLD_ENGINE)
-    refs = [
-        dms_generate(tiny_model_dir["model"], tiny_model_dir["mlp"], p, MAX_TOKENS,
-                     threshold=THRESHOLD if v is None else v, window=WINDOW)
-        for p, v in zip(prompts(), values)
-    ]  # fmt: skip
-    check_against_reference(outs, stats, refs, values, "threshold", THRESHOLD)
-    pruned = [stats[o.request_id]["pruned_fraction"] for o in outs]
-    assert pruned[2] == 0.0 and min(pruned[0], pruned[1], pruned[3]) > 0.0  # the values matter
-    assert len({round(p, 6) for p in pruned}) == len(pruned)
-
-
-def test_bad_values_are_refused_at_intake_and_the_engine_goes_on(threshold_run):
-    outs, _, refusals, after = threshold_run
-    assert set(refusals) == {"'low'", "{'ratio': 0.5}", "nan"}
-    for message in refusals.values():
-        assert 'extra_args["kv_pruning"]' in message
-    assert list(after[0].outputs[0].token_ids) == list(outs[0].outputs[0].token_ids)
 
 
 def test_per_request_ratios_equal_engine_level_ones(tiny_model_dir, ratio_run):
