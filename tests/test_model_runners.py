@@ -4,7 +4,7 @@ independent references.
 vLLM runs Model Runner V2 on CUDA (its default there) and V1 on CPU; each combination runs in its
 own process (`tests/engine_harness.py`): V2 with its Triton kernels and the CUDA backend's
 `unified_attention` under the Triton interpreter. In-process V1 runs of the CPU backend are in
-`test_engine_offline.py`, `test_paged_memory.py`, `test_request_options.py` and
+`test_engine_offline.py` (per-request thresholds included), `test_paged_memory.py` and
 `test_ratio_mode.py`. Checked here, for every combination below:
 - forwards that are not scheduled steps (V2's dummy runs with its capture-like metadata: zeroed
   block tables, first block 0, padding, `max_num_seqs` fake requests; its memory-profile run with
