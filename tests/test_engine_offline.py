@@ -1,8 +1,7 @@
 """End to end through vLLM's offline `LLM`, against independent references.
 
-Five engines, one at a time (module-scoped, each shut down once it has generated; a start-up costs
+Four engines, one at a time (module-scoped, each shut down once it has generated; a start-up costs
 ~40 s compiled, ~20 s eager, on 2 cores):
-- `baseline`: plain vLLM (plugin off);
 - `pruned_mlp`: kvzap-mlp, threshold -4, window 16, paged mode (the default), under vLLM's default
   compilation in a fresh `VLLM_CACHE_ROOT` (the inductor code it generated is read back);
 - `pruned_mlp_eager`: the same options with `enforce_eager=True`, then a batch of per-request
@@ -14,9 +13,11 @@ Checked:
   reference (`reference_dms.py`, which masks pruned pairs explicitly), for prompts shorter and
   longer than the window and across many decoding steps, with and without chunked prefill, for the
   MLP and the linear surrogate; mask mode makes the same decisions as paged mode;
-- threshold -inf, per request, beside the same prompts at the engine's -4 in one batch: plain
-  vLLM's tokens and log-probabilities, nothing pruned (the engine-level -inf against plain vLLM is
-  `test_gpu_benchmark.py`'s smoke flow);
+- threshold -inf, per request, beside the same prompts at the engine's -4 in one batch: the
+  unpruned reference's tokens and log-probabilities (the plain model), nothing pruned; pruning at
+  -4 changes the outputs. The plugin at -inf against plain vLLM itself (plugin off), token for
+  token: `test_gpu_benchmark.py`'s smoke flow (engine-level -inf) and `test_smollm2.py` (`"none"`
+  per request, on the real model);
 - compilation: the engine is not forced into eager mode, and the inductor code it generated calls
   the scoring op `vllm_kvzap::save_scores` once per layer, in place on the buffer the layer's
   projections then read, before that layer's attention op; its tokens and per-layer pruned pairs
@@ -145,11 +146,6 @@ def mlp_pruning(tiny, **options) -> dict:
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_model_dir, tmp_path_factory):
-    return run_engine(tiny_model_dir, tmp_path_factory, pruning=None)
-
-
-@pytest.fixture(scope="module")
 def pruned_mlp(tiny_model_dir, tmp_path_factory):
     # vLLM keeps its AOT-compile artifacts and inductor's output code under VLLM_CACHE_ROOT
     # (read by the engine processes, which inherit the environment): a fresh root per run means
@@ -195,14 +191,21 @@ def pruned_linear_chunked(tiny_model_dir, tmp_path_factory):
 # ------------------------------------------------------------------------------------------ tests
 
 
-def test_minus_inf_threshold_matches_plain_vllm(baseline, pruned_mlp):
-    assert len(pruned_mlp["per_request"]) == len(baseline["results"])
-    for base, pruned in zip(baseline["results"], pruned_mlp["per_request"]):
-        assert pruned["tokens"] == base["tokens"]
-        assert pruned["logprobs"] == pytest.approx(base["logprobs"], abs=1e-3)
-        stats = pruned["stats"]
+def test_minus_inf_threshold_matches_the_unpruned_model(pruned_mlp, tiny_model_dir):
+    assert len(pruned_mlp["per_request"]) == len(PROMPT_LENS)
+    for prompt, result in zip(prompts(), pruned_mlp["per_request"]):
+        ref = dms_generate(tiny_model_dir["model"], tiny_model_dir["mlp"], prompt, MAX_TOKENS,
+                           float("-inf"), WINDOW)  # fmt: skip
+        assert not any(m.any() for m in ref["pruned_mask"])  # the plain model
+        assert result["tokens"] == ref["output_ids"], f"prompt of {len(prompt)} tokens"
+        ref_logprobs = [
+            torch.log_softmax(ref["logits"][i], -1)[t].item()
+            for i, t in enumerate(result["tokens"])
+        ]
+        assert result["logprobs"] == pytest.approx(ref_logprobs, abs=1e-3)
+        stats = result["stats"]
         assert stats["per_request"] and stats["threshold"] == float("-inf")  # the value was used
-        assert stats["pruned_fraction"] == 0.0
+        assert stats["pruned_pairs_per_layer"] == [0] * 4 and stats["pruned_fraction"] == 0.0
 
 
 def check_against_reference(
@@ -252,10 +255,11 @@ def test_linear_pruning_with_chunked_prefill_equals_reference(pruned_linear_chun
     assert max(fractions) > 0.2
 
 
-def test_pruning_changes_outputs(baseline, pruned_mlp):
-    # the masks are applied in vLLM's attention, not only counted
+def test_pruning_changes_outputs(pruned_mlp):
+    # the masks are applied in vLLM's attention, not only counted: the same prompts at -4 and
+    # (per request) at -inf, in one batch
     assert any(
-        b["tokens"] != p["tokens"] for b, p in zip(baseline["results"], pruned_mlp["results"])
+        p["tokens"] != u["tokens"] for p, u in zip(pruned_mlp["results"], pruned_mlp["per_request"])
     )
 
 
