@@ -16,16 +16,14 @@ below the dense prompt; both pools return to their initial free counts.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
-import os
 import time
 
 import pytest
 import torch
 
-from tests.engine_harness import counting_preemptions, drain
+from tests.engine_harness import counting_preemptions, drain, offline_engine
 from tests.reference_dms import dms_generate
 from tests.test_paged_memory import expected_end_pages
 
@@ -44,14 +42,13 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tmp_path_factory):
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from vllm_kvzap.attention.runtime import get_runtime
 
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     stats_path = tmp_path_factory.mktemp("chunked") / "stats.jsonl"
-    llm = LLM(
+    with offline_engine(
+        in_process=True,
         model=str(tiny_model_dir["model"]),
         dtype="float32",
         max_model_len=960,
@@ -66,8 +63,7 @@ def run(tiny_model_dir, tmp_path_factory):
             "method": "kvzap-mlp", "threshold": -4, "window": WINDOW, "prefill": "chunked",
             "surrogate": str(tiny_model_dir["mlp"]), "stats_path": str(stats_path),
         }},
-    )  # fmt: skip
-    try:
+    ) as llm:  # fmt: skip
         core = llm.llm_engine.engine_core.engine_core
         scheduler, pages = core.scheduler, get_runtime().pages
         block_pool = scheduler.kv_cache_manager.block_pool
@@ -106,14 +102,6 @@ def run(tiny_model_dir, tmp_path_factory):
             "free_before": free_before,
             "free_after": (block_pool.get_num_free_blocks(), pages.num_free),
         }  # fmt: skip
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
 
 
 def last_prompt_chunks(steps: list[tuple[int, int]], prompt_len: int) -> list[int] | None:

@@ -9,14 +9,12 @@ layout's rule (per stream: ceil(survivors / block_size) pages plus the ring page
 
 from __future__ import annotations
 
-import gc
 import json
-import os
 
 import pytest
 import torch
 
-from tests.engine_harness import counting_preemptions, drain
+from tests.engine_harness import counting_preemptions, drain, offline_engine
 from tests.reference_dms import dms_generate
 
 WINDOW = 16
@@ -32,12 +30,9 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tmp_path_factory):
-    from vllm import LLM
-
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     stats_path = tmp_path_factory.mktemp("paged") / "stats.jsonl"
-    llm = LLM(
+    with offline_engine(
+        in_process=True,
         model=str(tiny_model_dir["model"]),
         dtype="float32",
         max_model_len=1024,
@@ -49,17 +44,8 @@ def engine(tiny_model_dir, tmp_path_factory):
             "method": "kvzap-mlp", "threshold": -4, "window": WINDOW,
             "surrogate": str(tiny_model_dir["mlp"]), "stats_path": str(stats_path),
         }},
-    )  # fmt: skip
-    try:
+    ) as llm:  # fmt: skip
         yield llm, stats_path
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
 
 
 def pools(llm):
