@@ -15,7 +15,7 @@ For a machine with an NVIDIA GPU and no vLLM (imports only ``vllm_kvzap.kernels`
   a share of a plain Qwen3-8B decode step, estimated from the H100's memory bandwidth;
 - page table (the CUDA path's page state, plain key layout, cells of K, V and score as
   `page_cell`): a batch of requests through a dense prompt step and decoding steps (compaction,
-  window, probation, page allocation), every layer's K/V and scores written; on CUDA and on CPU
+  window, ring, page allocation), every layer's K/V and scores written; on CUDA and on CPU
   from the same inputs, and every step's plan (each layer's block tables up to its rows' lengths,
   lengths, write slots) and the final page state (rows' state, held page ids and their cells, free
   pages) must be equal; then, at Qwen3-8B's shape (36 layers, 8 KV heads of 128, pages of 16) on

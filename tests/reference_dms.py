@@ -501,3 +501,12 @@ def dms_generate(
         result["prompt_pruned_fraction_per_layer"] = prompt_per_layer
         result["prompt_pruned_fraction"] = sum(prompt_per_layer) / L
     return result
+
+
+def assert_output_equals(output, ref: dict, context=None, tol: float = 1e-3) -> None:
+    """A vLLM completion (`CompletionOutput` with `logprobs=1`) against a `dms_generate` result:
+    the same tokens, each one's log-probability within `tol`."""
+    assert list(output.token_ids) == ref["output_ids"], context
+    for tok, lp, logits in zip(output.token_ids, output.logprobs, ref["logits"]):
+        want = float(torch.log_softmax(logits.double(), dim=-1)[tok])
+        assert abs(lp[tok].logprob - want) < tol, context

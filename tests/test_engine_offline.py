@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from tests.engine_harness import offline_engine
-from tests.reference_dms import dms_generate
+from tests.reference_dms import assert_output_equals, dms_generate
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.request_options import request_value
 from vllm_kvzap.stats import wait_for_stats
@@ -197,15 +197,20 @@ def test_minus_inf_threshold_matches_the_unpruned_model(pruned_mlp, tiny_model_d
         ref = dms_generate(tiny_model_dir["model"], tiny_model_dir["mlp"], prompt, MAX_TOKENS,
                            float("-inf"), WINDOW)  # fmt: skip
         assert not any(m.any() for m in ref["pruned_mask"])  # the plain model
-        assert result["tokens"] == ref["output_ids"], f"prompt of {len(prompt)} tokens"
-        ref_logprobs = [
-            torch.log_softmax(ref["logits"][i], -1)[t].item()
-            for i, t in enumerate(result["tokens"])
-        ]
-        assert result["logprobs"] == pytest.approx(ref_logprobs, abs=1e-3)
+        assert_result_equals(result, ref, f"prompt of {len(prompt)} tokens")
         stats = result["stats"]
         assert stats["per_request"] and stats["threshold"] == float("-inf")  # the value was used
         assert stats["pruned_pairs_per_layer"] == [0] * 4 and stats["pruned_fraction"] == 0.0
+
+
+def assert_result_equals(result: dict, ref: dict, context: str) -> None:
+    """A `greedy_results` entry against a `dms_generate` result: the same tokens, log-probs
+    within 1e-3."""
+    assert result["tokens"] == ref["output_ids"], context
+    ref_logprobs = [
+        torch.log_softmax(ref["logits"][i], -1)[t].item() for i, t in enumerate(result["tokens"])
+    ]
+    assert result["logprobs"] == pytest.approx(ref_logprobs, abs=1e-3), context
 
 
 def check_against_reference(
@@ -214,12 +219,7 @@ def check_against_reference(
     fractions = []
     for prompt, result in zip(prompts(), run["results"]):
         ref = dms_generate(tiny["model"], tiny[kind], prompt, max_tokens, -4.0, WINDOW)
-        assert result["tokens"] == ref["output_ids"], f"prompt of {len(prompt)} tokens"
-        ref_logprobs = [
-            torch.log_softmax(ref["logits"][i], -1)[t].item()
-            for i, t in enumerate(result["tokens"])
-        ]
-        assert result["logprobs"] == pytest.approx(ref_logprobs, abs=1e-3)
+        assert_result_equals(result, ref, f"prompt of {len(prompt)} tokens")
 
         stats = result["stats"]
         assert stats["num_prompt_tokens"] == len(prompt)
@@ -319,11 +319,7 @@ def test_per_request_thresholds_equal_engine_level_ones(tiny_model_dir, pruned_m
         ref = dms_generate(tiny_model_dir["model"], tiny_model_dir["mlp"], prompt,
                            PER_REQUEST_TOKENS, threshold=THRESHOLD if value is None else value,
                            window=WINDOW)  # fmt: skip
-        got = out.outputs[0]
-        assert list(got.token_ids) == ref["output_ids"], value
-        for tok, lp, logits in zip(got.token_ids, got.logprobs, ref["logits"]):
-            want = float(torch.log_softmax(logits.double(), dim=-1)[tok])
-            assert abs(lp[tok].logprob - want) < 1e-3
+        assert_output_equals(out.outputs[0], ref, value)
         s = stats[out.request_id]
         assert s["pruned_pairs_per_layer"] == [int(m.sum()) for m in ref["pruned_mask"]], value
         assert s["threshold"] == (THRESHOLD if value is None else value)

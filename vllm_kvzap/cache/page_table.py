@@ -168,7 +168,7 @@ def page_cell(head_size: int, dtype: torch.dtype) -> int:
 
 
 def max_pages_per_row(max_model_len: int, block_size: int) -> int:
-    return cdiv(max_model_len + 1, block_size)  # + the probation slot
+    return cdiv(max_model_len + 1, block_size)  # + the token leaving the window (the ring has W + 1 slots)
 
 
 def chunk_pages(max_pages: int) -> int:
@@ -569,7 +569,7 @@ class PageTable:
         dev, W = self.device, self.window
         unjudged = unjudged_h.to(dev)
         # a prompt's peak is just before a compaction (pages never shrink while decoding: a
-        # pruned probation slot is reused)
+        # pruned token's ring slot is reused)
         held = self.num_pages[:, slots].sum((0, 2))
         self.peak_pages[slots] = torch.maximum(self.peak_pages[slots], held)
         for (l0, l1), idx_h in self._pieces(unjudged_h):
