@@ -52,15 +52,15 @@ A step is planned once (`plan`, called when the KV connector binds the step, aft
 finished and preempted requests, before the forward pass) with bulk tensor operations over all
 rows of all layers: slots for new requests, the verdicts on the tokens that left the window in
 the previous step, compactions, page allocation and frees, every layer's move of the kept ones
-(their K/V were written in earlier steps), and the kernel arguments (`StepPlan`; block tables are gathered per layer when
-the layer asks). A layer then only indexes the plan (`write_layer`: the step's K/V and scores;
+(their K/V were written in earlier steps), and the kernel arguments (`StepPlan`; block tables are
+gathered when the layers ask). A layer then only indexes the plan (`write_layer`: the step's K/V and scores;
 `attention/rows.py`: the kernel call). No Python loop over requests, layers or heads, and no host
 synchronisation inside a layer. Sizes come from the host copies in `StepRows` and fixed bounds;
 free stacks keep their counters on the device and pop and push with masks. Device-to-host reads
 all go through `_read`: one per plan (which decoding rows compact, how many kept pairs move,
 whether new rows had a stale slot, the pools' error flags) and one per `reports`; compactions and
-releases add their own (steps where requests start decoding or end). A pool that runs dry is found at the next read
-(flags on the device), not before the step's forward pass.
+releases add their own (steps where requests start decoding or end). A pool that runs dry is
+found at the next read (flags on the device), not before the step's forward pass.
 
 Every per-step tensor has a bound (stated where it is made); the largest are a layer's block table
 `[B * H, ceil(P_step / K) * K]` int32 (at most 4 max_num_seqs H_kv ceil(P / K) K bytes), the step's
@@ -137,8 +137,8 @@ class LayerBlockTables:
 @dataclass
 class StepPlan:
     """Everything a layer needs for this step; leading dim L (layers) where present. Bounds:
-    `seq_lens` 4 L B H bytes, `write_slots` and `score_index` 8 L T H each, `query_perm` 8 T H, `row_query_start_loc`
-    4 (B H + 1); `block_tables` as `LayerBlockTables`."""
+    `seq_lens` 4 L B H bytes, `write_slots` and `score_index` 8 L T H each, `query_perm` 8 T H,
+    `row_query_start_loc` 4 (B H + 1); `block_tables` as `LayerBlockTables`."""
 
     num_tokens: int
     block_tables: LayerBlockTables  # [layer] -> [B * H, width] int32: row (b, h) -> its pages
@@ -168,7 +168,7 @@ def page_cell(head_size: int, dtype: torch.dtype) -> int:
 
 
 def max_pages_per_row(max_model_len: int, block_size: int) -> int:
-    return cdiv(max_model_len + 1, block_size)  # + the token leaving the window (the ring has W + 1 slots)
+    return cdiv(max_model_len + 1, block_size)  # + the token leaving the window (ring: W + 1)
 
 
 def chunk_pages(max_pages: int) -> int:
