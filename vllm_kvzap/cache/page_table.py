@@ -53,9 +53,9 @@ finished and preempted requests, before the forward pass) with bulk tensor opera
 rows of all layers: slots for new requests, the verdicts on the tokens that left the window in
 the previous step, compactions, page allocation and frees, every layer's move of the kept ones
 (their K/V were written in earlier steps), and the kernel arguments (`StepPlan`; block tables are
-gathered when the layers ask). A layer then only indexes the plan (`write_layer`: the step's K/V and scores;
-`attention/rows.py`: the kernel call). No Python loop over requests, layers or heads, and no host
-synchronisation inside a layer. Sizes come from the host copies in `StepRows` and fixed bounds;
+gathered when the layers ask). A layer then only indexes the plan (`write_layer`: the step's K/V
+and scores; `attention/rows.py`: the kernel call). No Python loop over requests, layers or heads,
+and no host synchronisation inside a layer. Sizes come from the host copies in `StepRows` and fixed bounds;
 free stacks keep their counters on the device and pop and push with masks. Device-to-host reads
 all go through `_read`: one per plan (which decoding rows compact, how many kept pairs move,
 whether new rows had a stale slot, the pools' error flags) and one per `reports`; compactions and
@@ -302,8 +302,6 @@ class PageTable:
             usable.append((base + blocks + heads).reshape(-1))
         usable = torch.cat(usable).flip(0).to(dev, torch.int32)  # a stack, top at the end
         self.capacity = usable.numel()
-        # a null-block page (never handed out): where masked moves put what they do not move
-        self._dump_page = first.storage_offset() // page_elems
 
         L, S, H = self.num_layers, max_slots, num_heads
         self.max_slots = S
@@ -422,13 +420,13 @@ class PageTable:
         extra = (1,) * (logical.dim() - 3)
         layer = (self._layer_idx if layers is None else layers).view(-1, 1, 1, *extra)
         head = self._head_idx.view(1, 1, -1, *extra)
-        col = (logical // self.block_size).clamp(max=self.max_pages - 1)
-        chunk = self.chunk_table[layer, slot.view(1, -1, 1, *extra), head, col // self.chunk]
-        return self.chunks[chunk, col % self.chunk], logical % self.block_size
+        page = self._page_at(layer, slot.view(1, -1, 1, *extra), head, logical)
+        return page, logical % self.block_size
 
     def _page_at(self, layer, slot, head, logical) -> torch.Tensor:
-        """Page ids of logical slots of single rows (all [M]: layer, request slot, head)."""
-        col = logical // self.block_size
+        """Page ids of logical slots of rows (layer, request slot, head): index tensors that
+        broadcast together (`_page_of`), or [M] each, one row per entry."""
+        col = (logical // self.block_size).clamp(max=self.max_pages - 1)
         return self.chunks[self.chunk_table[layer, slot, head, col // self.chunk], col % self.chunk]
 
     def _phys(self, slot: torch.Tensor, logical: torch.Tensor, layers=None) -> torch.Tensor:
@@ -677,14 +675,15 @@ class PageTable:
         # superset: in_ring = computed - shift >= R needs computed >= R.
         R = W + 1
         cand_h = decoding_h & ~fresh_h & (computed_h >= R)
-        verdicts = None
+        decoding = decoding_h.to(dev)  # [B]; the others are prompt rows
+        keep = None  # [L, B, H]: the overwritten token is kept (a survivor now)
         num_moves = torch.zeros(1, dtype=torch.int64, device=dev)
         if bool(cand_h.any()):
             base0, surv0 = self.base[:, slots], self.surv[:, slots]
             in_ring0 = computed - self.shift[slots]
-            over = decoding_h.to(dev) & ~self.dense[slots] & (in_ring0 >= R)  # [B]
+            over = decoding & ~self.dense[slots] & (in_ring0 >= R)  # [B]
             page_o, offset_o, keep = self._overwritten(slots, in_ring0, base0, surv0, over)
-            verdicts = (over, keep, page_o, offset_o, base0 + R + surv0)
+            survivor_slot = base0 + R + surv0  # where a kept one moves
             if W:
                 num_moves = keep.sum().view(1)
 
@@ -710,10 +709,8 @@ class PageTable:
             comp_h = compacting_h.nonzero().flatten()
             self._compact(slots[comp_h.to(dev)], computed_h[comp_h])
         st = self.state[:, slots]
-        decoding = decoding_h.to(dev)  # [B]; the others are prompt rows
         npg, base, surv, pruned = st[..., NUM_PAGES], st[..., BASE], st[..., SURV], st[..., PRUNED]
-        if verdicts is not None:  # rows judged above neither compacted nor started afresh
-            over, keep = verdicts[:2]
+        if keep is not None:  # rows judged above neither compacted nor started afresh
             surv = surv + keep
             pruned = pruned + (over[None, :, None] & ~keep)
 
@@ -739,10 +736,9 @@ class PageTable:
 
         # the kept tokens leaving the ring -> the survivors' next slot (all layers at once)
         if moves:
-            _, keep, page_o, offset_o, dst = verdicts
             sel = torch.nonzero_static(keep.flatten(), size=moves).flatten()
             layer, b, head = sel // (B * H), (sel // H) % B, sel % H
-            dst = dst.flatten()[sel]
+            dst = survivor_slot.flatten()[sel]
             dst_page = self._page_at(layer, slots[b], head, dst)
             self._move_pairs(
                 page_o.flatten()[sel], offset_o.flatten()[sel], dst_page, dst % bs
