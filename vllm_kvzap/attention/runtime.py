@@ -24,6 +24,7 @@ from torch import nn
 
 from vllm_kvzap.cache.page_table import PageTable, StepPlan, StepRows, allocate_directory
 from vllm_kvzap.config import KVPruningConfig
+from vllm_kvzap.rule import keep
 from vllm_kvzap.scorers import Surrogate, load_surrogate
 from vllm_kvzap.scorers.baselines import knorm_scores, random_scores, window_scores
 
@@ -151,7 +152,7 @@ class PruningRuntime:
 
     def keep_flags(self, layer_idx: int, key: torch.Tensor) -> torch.Tensor:
         """Mask mode: keep flags [T, H_kv] (score >= threshold) of the step's tokens."""
-        return self.layer_scores(layer_idx, key) >= self.config.threshold
+        return keep(self.layer_scores(layer_idx, key), self.config.threshold)
 
     def keep_cache(self, layer_idx: int, num_slots: int, num_kv_heads: int, device) -> torch.Tensor:
         cache = self.keep_caches.get(layer_idx)

@@ -75,6 +75,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvzap.config import PREFILL_MODES
+from vllm_kvzap.rule import keep
 
 SCORE_BYTES = 4  # a float32 score per slot, in its page after the values
 WORK_ENTRIES = 1 << 20  # entries per pass of a compaction piece or a release block
@@ -513,7 +514,7 @@ class PageTable:
         if self.ratio is not None:
             return torch.ones(page.shape, dtype=torch.bool, device=self.device)
         thr = self.slot_value[slots].view(1, -1, *([1] * (page.dim() - 2)))
-        return self.slot_scores[page, offset] >= thr
+        return keep(self.slot_scores[page, offset], thr)
 
     def _prompt_keep(self, page, offset, slots: torch.Tensor, lengths: torch.Tensor):
         """Verdicts on the prompt's pairs at (page, offset) [l, C, H, T] (lengths [C]): the
