@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-from tools.recall_task import QUERY, TOKEN_TO_ID, Example, encode, make_example
+from experiments.recall.recall_task import QUERY, TOKEN_TO_ID, Example, encode, make_example
 
 METHODS = ("kvzap-mlp", "kvzap-linear", "knorm", "random", "window")
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

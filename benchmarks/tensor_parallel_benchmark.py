@@ -71,7 +71,7 @@ SCORE_BYTES = 4  # the plugin keeps a float32 score per slot and KV head
 
 def make_prompts(n: int, pairs: int, filler: int) -> list[list[int]]:
     from benchmarks.accuracy_benchmark import query_request
-    from tools.recall_task import make_example
+    from experiments.recall.recall_task import make_example
 
     return [query_request(make_example(SEED_BASE + i, pairs, filler))[0] for i in range(n)]
 

@@ -26,7 +26,7 @@ from benchmarks.accuracy_benchmark import (
     query_request,
     token_roles,
 )
-from tools.recall_task import QUERY, TOKEN_TO_ID, decode, make_example
+from experiments.recall.recall_task import QUERY, TOKEN_TO_ID, decode, make_example
 from vllm_kvzap.scorers.baselines import random_scores
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "recall-qwen3"

@@ -1,7 +1,9 @@
-"""Tests of the recall task generator (tools/recall_task.py) and of the committed recall model.
+"""Tests of the recall task generator (experiments/recall/recall_task.py) and of the committed
+recall model.
 
-The committed model (``models/recall-qwen3/``, produced by ``python -m tools.train_recall_model``)
-is checked against the task's own answers: unpruned held-out accuracy must stay >= 0.95.
+The committed model (``models/recall-qwen3/``, produced by
+``python -m experiments.recall.train_recall_model``) is checked against the task's own answers:
+unpruned held-out accuracy must stay >= 0.95.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.recall_task import (
+from experiments.recall.recall_task import (
     EOS,
     QUERY,
     REPEAT,
@@ -110,7 +112,7 @@ def test_query_prompt():
 def test_corpus_and_repeat_format_locate_both_copies(tmp_path):
     """The surrogate trainer's ``--repeat-format`` builds the model's own repeat prompt from the
     corpus files: BOS context <repeat> context, with both copies found token for token."""
-    from tools.kvzip_targets import repeat_prompt
+    from training.kvzip_targets import repeat_prompt
 
     tok = build_tokenizer()
     paths = write_corpus(tmp_path, 3, n_pairs=6, n_filler=5, seed_base=77)
@@ -125,14 +127,14 @@ def test_corpus_and_repeat_format_locate_both_copies(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["{context} <repeat>", "{context} {context} {context}", "x"])
 def test_repeat_format_needs_two_placeholders(fmt):
-    from tools.kvzip_targets import repeat_prompt
+    from training.kvzip_targets import repeat_prompt
 
     with pytest.raises(ValueError, match="exactly twice"):
         repeat_prompt(build_tokenizer(), "k1 v2 ;", fmt)
 
 
 def test_train_surrogate_rejects_a_bad_repeat_format(tmp_path):
-    from tools.train_surrogate import main
+    from training.train_surrogate import main
 
     write_corpus(tmp_path / "corpus", 2, 4, 2, seed_base=5)
     argv = ["--model", str(MODEL_DIR), "--data", str(tmp_path / "corpus"), "--kind", "mlp",
@@ -146,7 +148,7 @@ def test_committed_model_accuracy():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tools.train_recall_model import EVAL_SEED_BASE, STAGES
+    from experiments.recall.train_recall_model import EVAL_SEED_BASE, STAGES
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)

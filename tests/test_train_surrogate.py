@@ -1,4 +1,4 @@
-"""Tests for the offline surrogate trainer (tools/train_surrogate.py and the modules it drives).
+"""Tests for the offline surrogate trainer (training/train_surrogate.py and the modules it drives).
 
 - prompts: text is cut into prompts of the requested token lengths, test prompts first;
 - targets: KVzip+ targets equal a slow recomputation from a separate transformers forward pass
@@ -27,11 +27,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tools import train_surrogate
-from tools.kvzip_targets import TargetStore, kvzip_plus_targets, load_model, repeat_prompt
 from tools.make_tiny_model import sample_text
-from tools.surrogate_data import cut_document, load_prompts, parse_hf_spec
-from tools.surrogate_fit import FitConfig, fit_mlp, fit_ridge, fit_surrogate, predict, r2_per_head
+from training import train_surrogate
+from training.kvzip_targets import TargetStore, kvzip_plus_targets, load_model, repeat_prompt
+from training.surrogate_data import cut_document, load_prompts, parse_hf_spec
+from training.surrogate_fit import (
+    FitConfig,
+    fit_mlp,
+    fit_ridge,
+    fit_surrogate,
+    predict,
+    r2_per_head,
+)
 from vllm_kvzap.scorers import SurrogateConfig, load_surrogate
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

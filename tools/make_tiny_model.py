@@ -194,7 +194,7 @@ def build_tokenizer():
 
 def qwen3_config(shape: dict, tokenizer):
     """A float32 ``Qwen3Config`` of ``shape`` (a dict like ``TINY_CONFIG``) for ``tokenizer``
-    (its size and special tokens); shared with ``tools/train_recall_model.py``."""
+    (its size and special tokens); shared with ``experiments/recall/train_recall_model.py``."""
     from transformers import Qwen3Config
 
     cfg = dict(shape)
@@ -217,7 +217,8 @@ def qwen3_config(shape: dict, tokenizer):
 
 def save_hf_model(model, tokenizer, out_dir: Path) -> None:
     """Save ``model`` and ``tokenizer`` in Hugging Face format, loadable by transformers and vLLM
-    offline; generation stops at EOS or PAD. Shared with ``tools/train_recall_model.py``."""
+    offline; generation stops at EOS or PAD. Shared with
+    ``experiments/recall/train_recall_model.py``."""
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from tools.surrogate_data import Prompt
+from training.surrogate_data import Prompt
 
 REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly."
 QUERY_NORMS = ("attn_input", "residual")

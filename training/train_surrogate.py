@@ -1,6 +1,6 @@
 """Train a KVzap surrogate for a model that has no published one, offline, and check its quality.
 
-    python -m tools.train_surrogate --model DIR_OR_ID --kind mlp|linear --out DIR
+    python -m training.train_surrogate --model DIR_OR_ID --kind mlp|linear --out DIR
         --data FILE|DIR|GLOB|hf:NAME[:CONFIG][:SPLIT][:COLUMN] [MORE SOURCES ...]
 
 then serve with it: ``vllm serve MODEL --kv-pruning kvzap-mlp --kv-pruning-surrogate DIR``
@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tools.kvzip_targets import (
+from training.kvzip_targets import (
     QUERY_NORMS,
     TargetStore,
     check_repeat_format,
     extract_targets,
 )
-from tools.surrogate_data import load_prompts, prompts_digest
-from tools.surrogate_fit import FitConfig, fit_surrogate
+from training.surrogate_data import load_prompts, prompts_digest
+from training.surrogate_fit import FitConfig, fit_surrogate
 from vllm_kvzap.scorers import save_checkpoint
 
 TARGETS_FORMAT = 1
@@ -45,7 +45,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m tools.train_surrogate",
+        prog="python -m training.train_surrogate",
         description="Train a KVzap surrogate (KVzip+ targets -> linear or MLP per layer).",
         formatter_class=_Help,
     )
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_rows": store.num_rows("train"), "test_rows": len(fit["y"][0]),
         "r2_mean": r2.mean().item(), "r2_per_layer": r2.mean(1).tolist(),
         "r2_per_layer_head": r2.tolist(),
-        "command": "python -m tools.train_surrogate "
+        "command": "python -m training.train_surrogate "
         + shlex.join(sys.argv[1:] if argv is None else argv),
     }  # fmt: skip
     (out / "r2.json").write_text(json.dumps(report, indent=2) + "\n")

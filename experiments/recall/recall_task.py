@@ -1,7 +1,7 @@
 """Multi-query associative recall embedded in redundant, language-like filler (a synthetic task).
 
-Part of the developer tooling (``tools/``). A *context* mixes a few key-value facts
-(``k17 v42 ;``), which cannot be reconstructed from anything else, with
+Part of the recall-model experiment (``experiments/recall/``). A *context* mixes a few key-value
+facts (``k17 v42 ;``), which cannot be reconstructed from anything else, with
 redundant material that can: counting runs (``count : 5 6 7 8 .``), a phrase said several times in
 a row (``the sun is warm today . the sun is warm today .``) and templated sentences
 (``the red box is near the old door .``). Every key of the context is then asked for, in a random
@@ -263,7 +263,7 @@ def build_tokenizer(model_max_length: int = 4096):
 
 def write_corpus(out_dir, n: int, n_pairs: int, n_filler: int, seed_base: int) -> list[str]:
     """Write ``n`` contexts (seeds ``seed_base..``) as text files, one per file: the ``--data`` of
-    ``tools.train_surrogate`` (use its ``--repeat-format`` with the ``<repeat>`` marker)."""
+    ``training.train_surrogate`` (use its ``--repeat-format`` with the ``<repeat>`` marker)."""
     from pathlib import Path
 
     out = Path(out_dir)
@@ -280,7 +280,7 @@ def write_corpus(out_dir, n: int, n_pairs: int, n_filler: int, seed_base: int) -
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m tools.recall_task",
+    ap = argparse.ArgumentParser(prog="python -m experiments.recall.recall_task",
                                  description="Print an example, or write a corpus of contexts.")
     ap.add_argument("--corpus", default=None, help="write contexts as .txt files into this folder")
     ap.add_argument("--n", type=int, default=600, help="contexts to write")

@@ -1,19 +1,20 @@
-"""Train a small Qwen3 model from scratch on the recall task (tools/recall_task.py), on CPU.
+"""Train a small Qwen3 model from scratch on the recall task (``recall_task.py``), on CPU.
 
-Part of the developer tooling (``tools/``)::
+Part of the recall-model experiment (``experiments/recall/``)::
 
-    python -m tools.train_recall_model --out .cache/recall_run [--seed 0] [--max-steps 6000]
+    python -m experiments.recall.train_recall_model --out .cache/recall_run [--seed 0] \
+        [--max-steps 6000]
 
 Model: Qwen3 architecture, hidden 128, 2 layers, 4 query / 2 KV heads of 32 (~370k parameters;
 at hidden 64 the runs stalled at the "not an already answered value" plateau, see
-``tools/recall_training_attempts.md``), AdamW lr 1e-3. Curriculum: stage i samples contexts with
-up to ``STAGES[i]`` = (pairs, filler segments); it moves to the next stage when the held-out answer
-accuracy at the stage's maximum reaches ``--advance-acc``; at the last stage training stops once
-answers reach ``--target-acc`` and the repeat turn ``--target-repeat-acc`` (token accuracy), or at
-``--time-budget-min``. Loss: cross-entropy on the answer tokens, plus (weight ``--repeat-weight``)
-on the repeated context of the examples that have a ``<repeat>`` turn (``--repeat-prob``), so that
-the model can reconstruct its context (KVzip+ targets), plus optionally (``--lm-weight``) a
-next-token loss on all tokens. Data for step ``s`` depends only on
+``experiments/recall/recall_training_attempts.md``), AdamW lr 1e-3. Curriculum: stage i samples
+contexts with up to ``STAGES[i]`` = (pairs, filler segments); it moves to the next stage when the
+held-out answer accuracy at the stage's maximum reaches ``--advance-acc``; at the last stage
+training stops once answers reach ``--target-acc`` and the repeat turn ``--target-repeat-acc``
+(token accuracy), or at ``--time-budget-min``. Loss: cross-entropy on the answer tokens, plus
+(weight ``--repeat-weight``) on the repeated context of the examples that have a ``<repeat>`` turn
+(``--repeat-prob``), so that the model can reconstruct its context (KVzip+ targets), plus
+optionally (``--lm-weight``) a next-token loss on all tokens. Data for step ``s`` depends only on
 ``(seed, s)``, so a run resumed from ``OUT/ckpt.pt`` (written every ``--ckpt-every`` steps) sees the
 same batches. Writes ``OUT/train_curve.json`` / ``.png`` as it goes and, at the end,
 ``OUT/model`` (HF format, float32, with the word-level tokenizer), ``OUT/model/eval.json`` (answer
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tools.recall_task import PAD, TOKEN_TO_ID, build_tokenizer, make_example
+from experiments.recall.recall_task import PAD, TOKEN_TO_ID, build_tokenizer, make_example
 
 # (max pairs, max filler segments) per curriculum stage; the last one is the target length.
 # Starting at 2 pairs let the model settle on "not an already answered value" (75% at 2 pairs).
@@ -180,7 +181,7 @@ def save_hf(model, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.train_recall_model",
+    ap = argparse.ArgumentParser(prog="python -m experiments.recall.train_recall_model",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(".cache/recall_run"))
     ap.add_argument("--seed", type=int, default=0)
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed from {ckpt} at step {step}, stage {stage}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     run_info = {"args": {k: str(v) for k, v in vars(args).items()},
-                "command": "python -m tools.train_recall_model " + " ".join(argv or sys.argv[1:]),
+                "command": "python -m experiments.recall.train_recall_model "
+                + " ".join(argv or sys.argv[1:]),
                 "model_config": dict(MODEL_CONFIG, **overrides), "n_params": n_params,
                 "stages": STAGES}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")

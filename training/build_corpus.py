@@ -1,10 +1,10 @@
 """Natural English text available offline, as training data for the real model's surrogates.
 
-    python -m tools.build_corpus [--out .cache/corpus]
+    python -m training.build_corpus [--out .cache/corpus]
 
 Data flow: **text shipped with Python, its packages and Debian (this module)** -> one directory per
-subset of ``*.txt`` documents -> ``python -m tools.train_surrogate --data DIR DIR DIR`` (one
-subset each; ``tools/TRAINING.md`` has the command that trained the bundled surrogates).
+subset of ``*.txt`` documents -> ``python -m training.train_surrogate --data DIR DIR DIR`` (one
+subset each; ``training/TRAINING.md`` has the command that trained the bundled surrogates).
 
 Subsets (all read from the machine, nothing downloaded):
 

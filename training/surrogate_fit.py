@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tools.kvzip_targets import TargetStore
+from training.kvzip_targets import TargetStore
 from vllm_kvzap.scorers import SurrogateConfig
 
 

@@ -1,0 +1,1 @@
+"""The recall-model experiment: the task, the model trained on it, its surrogates."""
