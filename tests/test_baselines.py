@@ -7,13 +7,23 @@ the same tokens and the same pruned pairs.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from tests.reference_dms import _random_uniform, dms_generate
 from tests.test_engine_offline import MAX_TOKENS, WINDOW, prompts, run_engine
 from vllm_kvzap.config import KVPruningConfig, KVPruningConfigError
-from vllm_kvzap.scorers.baselines import knorm_scores, random_uniform, window_scores
+from vllm_kvzap.scorers.baselines import (
+    Knorm,
+    Random,
+    Window,
+    knorm_scores,
+    random_scores,
+    random_uniform,
+    window_scores,
+)
 
 CASES = {  # method -> (threshold, extra options)
     "window": (-4.0, {"sinks": 4}),
@@ -57,6 +67,42 @@ def test_baseline_options_are_validated(options, needle):
     with pytest.raises(KVPruningConfigError) as e:
         KVPruningConfig.from_dict(options)
     assert needle in str(e.value)
+
+
+def test_baseline_presses_carry_their_options_and_score_as_the_functions():
+    c = KVPruningConfig.from_dict({"method": "window", "sinks": 2})
+    assert c.press == Window(sinks=2) and c.to_dict()["sinks"] == 2
+    assert KVPruningConfig(method="random").press == Random(seed=0)
+    assert KVPruningConfig.from_dict({"method": "random", "seed": "3"}).press == Random(seed=3)
+    assert KVPruningConfig().press is None
+    positions, keys = torch.arange(9), torch.randn(9, 2, 4)
+    rank = SimpleNamespace(num_kv_heads=2, heads=SimpleNamespace(first=1), surrogate=None)
+    assert torch.equal(Window(sinks=2).input_scores(rank, 0, None, positions),
+                       window_scores(positions, 2, 2))  # fmt: skip
+    assert torch.equal(Random(seed=5).input_scores(rank, 3, None, positions),
+                       random_scores(positions, 3, 2, 5, first_head=1))  # fmt: skip
+    assert Knorm().input_scores(rank, 0, None, positions) is None
+    assert torch.equal(Knorm().key_scores(keys), knorm_scores(keys))
+    assert Window().key_scores(keys) is None and Random().key_scores(keys) is None
+
+
+@pytest.mark.parametrize("method", ["window", "knorm", "random"])
+def test_runtime_asks_the_methods_press(method):
+    """The runtime's scores come from the press: from the layer's input, or from the keys."""
+    from vllm_kvzap.attention.runtime import PruningRuntime
+
+    config = KVPruningConfig.from_dict({"method": method})
+    runtime = PruningRuntime(config, None, num_layers=2, num_kv_heads=2, max_num_tokens=8)
+    positions, keys = torch.arange(5), torch.randn(5, 2, 4)
+    scores = runtime.graph_scores(1, torch.randn(5, 3), positions)
+    if method == "knorm":
+        assert scores is None
+        assert torch.equal(runtime.layer_scores(1, keys), knorm_scores(keys))
+        return
+    want = window_scores(positions, 2, 4) if method == "window" else random_scores(positions, 1, 2, 0)
+    assert torch.equal(scores, want)
+    runtime.save_scores(1, scores)
+    assert torch.equal(runtime.layer_scores(1, keys), want)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

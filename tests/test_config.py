@@ -144,6 +144,21 @@ def _from_cli(argv: list[str]):
     return AsyncEngineArgs.from_cli_args(_parser().parse_args(argv))
 
 
+def test_cli_method_options_come_from_the_registry():
+    """A method's own options (its press's fields) are `--kv-pruning-<option>` flags."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from vllm_kvzap.cli import FLAG_TO_KEY
+    from vllm_kvzap.config import PRESS_OPTIONS
+    from vllm_kvzap.scorers.baselines import Window
+
+    assert {"sinks", "seed"} <= set(PRESS_OPTIONS) <= set(FLAG_TO_KEY.values())
+    args = _parser().parse_args(["--model", "m", "--kv-pruning", "window", "--kv-pruning-sinks", "2"])
+    options = AsyncEngineArgs.from_cli_args(args).additional_config["kv_pruning"]
+    assert options == {"method": "window", "sinks": 2}
+    assert KVPruningConfig.from_dict(options).press == Window(sinks=2)
+
+
 def test_cli_option_without_method_is_an_error():
     with pytest.raises(KVPruningConfigError, match="--kv-pruning-window given but pruning is off"):
         _from_cli(["--model", "m", "--kv-pruning-window", "32"])
@@ -244,9 +259,9 @@ def test_wrong_shapes_are_refused_naming_both(tiny_model_dir, tmp_path):
 
 
 def test_model_shape_mismatch_names_both_shapes(tiny_model_dir, tmp_path):
-    from vllm_kvzap.scorers import SurrogateConfig, load_surrogate, save_checkpoint
-
     import torch
+
+    from vllm_kvzap.scorers import SurrogateConfig, load_surrogate, save_checkpoint
 
     cfg = SurrogateConfig(input_dim=64, output_dim=3, n_modules=4, hidden_dim=None)
     state = {}

@@ -97,13 +97,17 @@ def test_torch_twin_gelu_is_exact_erf() -> None:
     torch.testing.assert_close(scores.double(), exact, atol=1e-6, rtol=0)
 
 
-def test_dispatch_on_cpu_uses_torch_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_surrogate_on_cpu_uses_torch_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_kvzap.scorers.checkpoint import SurrogateConfig
+    from vllm_kvzap.scorers.surrogate import Surrogate
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     w1, b1, w2, b2 = make_weights(16, 2, 16)
+    sur = Surrogate(SurrogateConfig(16, 2, 1, 16), w1[None], b1[None], w2[None], b2[None])
     x = torch.randn(5, 16)
-    s, k = ss.score_and_decide(x, w1, b1, w2, b2, -4.0)
     s_ref, k_ref = ss.score_and_decide_torch(x, w1, b1, w2, b2, -4.0)
-    assert torch.equal(s, s_ref) and torch.equal(k, k_ref)
+    assert torch.equal(sur.score(x, 0), s_ref) and torch.equal(ss.scores_torch(x, w1, b1, w2, b2), s_ref)
+    assert torch.equal(k_ref, s_ref >= -4.0)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Tests for scorers/: published checkpoint format, Hub resolution (offline), Surrogate scoring.
+"""Tests for scorers/: the methods' registry, published checkpoint format, Hub resolution (offline),
+Surrogate scoring.
 
 References are independent of the code under test: kvpress-style ``nn.Linear`` /
 ``nn.Sequential(Linear, GELU, Linear)`` modules under ``layers`` load the same safetensors file
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,12 +22,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vllm_kvzap.rule import keep
 from vllm_kvzap.scorers import (
+    Press,
     Surrogate,
     SurrogateCheckpointError,
     SurrogateConfig,
     default_surrogate_id,
     load_surrogate,
+    methods,
     read_checkpoint,
     resolve_checkpoint_dir,
     save_checkpoint,
@@ -37,6 +42,30 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 MLP = SurrogateConfig(input_dim=40, output_dim=3, n_modules=4, hidden_dim=24)
 LINEAR = SurrogateConfig(input_dim=40, output_dim=3, n_modules=4, hidden_dim=None)
+
+
+# ---------------------------------------------------------------- the methods' registry
+
+
+def test_registry_holds_the_methods_in_order() -> None:
+    from vllm_kvzap.config import METHODS, RATIO_METHODS
+
+    builtin = ["kvzap-mlp", "kvzap-linear", "window", "knorm", "random"]
+    assert list(methods())[: len(builtin)] == builtin  # built-ins first, in the CLI's order
+    assert METHODS == ("none", *methods())
+    assert set(RATIO_METHODS) == {name for name, press in methods().items() if press.rankable}
+    for name, press in methods().items():
+        assert issubclass(press, Press) and press.name == name
+    assert {n: p.surrogate_kind for n, p in methods().items() if p.surrogate_kind} == {
+        "kvzap-mlp": "mlp", "kvzap-linear": "linear"
+    }  # fmt: skip
+
+
+def test_readme_lists_the_registrys_methods() -> None:
+    """The README's method list is the registry's: a method added or renamed there shows here."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text[text.index("**Methods.**") :].split("\n\n", 1)[0]
+    assert re.findall(r"^- `([^`]+)`", section, re.MULTILINE) == list(methods())
 
 
 class KVzapReference(nn.Module):
@@ -110,11 +139,9 @@ def test_published_checkpoint_scores_match_reference_modules(published, cfg: Sur
         scores = surrogate.score(x, layer)
         assert scores.dtype == torch.float32 and scores.shape == (33, H)
         torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
-        s2, keep = surrogate.score_and_decide(x, layer, -4.0)
-        assert torch.equal(s2, scores) and torch.equal(keep, scores >= -4.0)
-        all_keep.append(keep)
-    keep = torch.stack(all_keep)
-    assert 0 < keep.sum() < keep.numel()
+        all_keep.append(keep(scores, -4.0))
+    kept = torch.stack(all_keep)
+    assert 0 < kept.sum() < kept.numel()
     # layers really differ: scoring with the wrong layer's weights would not pass
     assert not torch.allclose(surrogate.score(x, 0), surrogate.score(x, 1))
 
@@ -148,9 +175,9 @@ def test_tie_at_threshold_is_kept() -> None:
     sd = {k: torch.zeros(s) for k, s in MLP.expected_shapes().items()}
     sd["layers.1.2.bias"] = torch.tensor([-4.0, -4.5, -3.0])
     surrogate = Surrogate.from_state_dict(MLP, sd)
-    scores, keep = surrogate.score_and_decide(torch.randn(5, MLP.input_dim), 1, -4.0)
+    scores = surrogate.score(torch.randn(5, MLP.input_dim), 1)
     assert torch.equal(scores, torch.tensor([-4.0, -4.5, -3.0]).expand(5, 3))
-    assert torch.equal(keep, torch.tensor([True, False, True]).expand(5, 3))
+    assert torch.equal(keep(scores, -4.0), torch.tensor([True, False, True]).expand(5, 3))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

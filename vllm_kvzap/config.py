@@ -2,33 +2,42 @@
 
 Data flow: CLI flags (`--kv-pruning ...`) and `additional_config={"kv_pruning": {...}}` both end up as
 a plain dict under `vllm_config.additional_config["kv_pruning"]`; every process (front end, engine
-core, workers) turns that dict back into a `KVPruningConfig` with `KVPruningConfig.from_dict`.
+core, workers) turns that dict back into a `KVPruningConfig` with `KVPruningConfig.from_dict`. The
+methods and their own options come from the scorers' registry (`scorers/registry.py`): the method
+and its options become `KVPruningConfig.press`, which the worker asks for scores.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from vllm_kvzap.scorers.registry import Press, methods
 
 ADDITIONAL_CONFIG_KEY = "kv_pruning"
 
-# method -> surrogate kind; "none" switches pruning off.
-KVZAP_METHODS = {"kvzap-mlp": "mlp", "kvzap-linear": "linear"}
-# baselines scored without a surrogate (scorers/baselines.py), applied by the same DMS machinery
-BASELINE_METHODS = ("window", "knorm", "random")
-METHODS = ("none", *KVZAP_METHODS, *BASELINE_METHODS)
+# method name -> its press (scorers/registry.py); "none" switches pruning off
+PRESSES = methods()
+METHODS = ("none", *PRESSES)
 # methods whose scores the target-ratio rule (AdaKV, scorers/adakv.py) can rank; `window` has no
 # meaningful scores (+inf / -inf), so a ratio is refused for it
-RATIO_METHODS = (*KVZAP_METHODS, "knorm", "random")
+RATIO_METHODS = tuple(name for name, press in PRESSES.items() if press.rankable)
+
+
+def _press_options() -> dict[str, tuple[str, ...]]:
+    """Each press's own options (its fields) -> the methods that have them."""
+    options: dict[str, tuple[str, ...]] = {}
+    for name, press in PRESSES.items():
+        for f in fields(press):
+            options[f.name] = (*options.get(f.name, ()), name)
+    return options
+
+
+PRESS_OPTIONS = _press_options()
 # options that only some methods read
-METHOD_OPTIONS = {
-    "sinks": ("window",),
-    "seed": ("random",),
-    "ratio": RATIO_METHODS,
-    "alpha": RATIO_METHODS,
-}
+METHOD_OPTIONS = {**PRESS_OPTIONS, "ratio": RATIO_METHODS, "alpha": RATIO_METHODS}
 # options of threshold mode, which a ratio excludes
 THRESHOLD_OPTIONS = ("threshold", "window")
 
@@ -40,7 +49,6 @@ PREFILL_MODES = ("dense", "chunked")
 
 DEFAULT_THRESHOLD = -4.0
 DEFAULT_WINDOW = 128
-DEFAULT_SINKS = 4
 DEFAULT_ALPHA = 0.2
 
 
@@ -65,6 +73,9 @@ class KVPruningConfig:
     that left the window (the same rule as in decoding, applied per chunk instead of per token),
     so later chunks attend to the kept pairs, the window and themselves, and a prompt holds about
     kept + window + one chunk of KV memory instead of its dense size.
+
+    `press`: the method with its own options (e.g. `Window(sinks=4)`), None when pruning is off;
+    left out, the method's defaults.
     """
 
     method: str = "none"
@@ -73,13 +84,18 @@ class KVPruningConfig:
     surrogate: str | None = None
     stats_path: str | None = None
     mode: str = "paged"
-    sinks: int = DEFAULT_SINKS
-    seed: int = 0
+    press: Press | None = None
     ratio: float | None = None
     alpha: float = DEFAULT_ALPHA
     prefill: str = "dense"
 
     def __post_init__(self):
+        if self.press is None and self.method in PRESSES:
+            object.__setattr__(self, "press", PRESSES[self.method]())
+        if self.press is not None and self.press.name != self.method:
+            raise KVPruningConfigError(
+                f"kv_pruning press {self.press!r} is not method {self.method!r}"
+            )
         if self.prefill not in PREFILL_MODES:
             raise KVPruningConfigError(
                 f"unknown kv_pruning prefill {self.prefill!r}; choose one of {list(PREFILL_MODES)}"
@@ -144,11 +160,11 @@ class KVPruningConfig:
 
     @property
     def uses_surrogate(self) -> bool:
-        return self.method in KVZAP_METHODS
+        return self.surrogate_kind is not None
 
     @property
-    def surrogate_kind(self) -> str:
-        return KVZAP_METHODS[self.method]
+    def surrogate_kind(self) -> str | None:
+        return None if self.press is None else self.press.surrogate_kind
 
     def resolve_surrogate(self, model: str) -> str:
         """The surrogate to load, first found of: the explicit one (`surrogate`,
@@ -165,10 +181,12 @@ class KVPruningConfig:
         return default_surrogate_id(self.surrogate_kind, model)
 
     def to_dict(self) -> dict[str, Any]:
-        options = asdict(self)
-        for option, methods in METHOD_OPTIONS.items():
-            if self.method not in methods:
-                del options[option]
+        options: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if key == "press":
+                options.update(value or {})  # the method's own options, e.g. sinks
+            else:
+                options[key] = value
         # every process re-parses this dict: write only what from_dict accepts together
         if self.ratio is None:
             options.pop("ratio", None)
@@ -187,7 +205,7 @@ class KVPruningConfig:
             raise KVPruningConfigError(
                 f"kv_pruning must be a dict of options, got {type(options).__name__}: {options!r}"
             )
-        known = {f for f in cls.__dataclass_fields__}
+        known = {f for f in cls.__dataclass_fields__} - {"press"} | set(PRESS_OPTIONS)
         unknown = sorted(set(options) - known)
         if unknown:
             raise KVPruningConfigError(
@@ -200,13 +218,14 @@ class KVPruningConfig:
             raise KVPruningConfigError(
                 f"unknown kv_pruning method {method!r}; choose one of {list(METHODS)}"
             )
-        for option, methods in METHOD_OPTIONS.items():
-            if option in options and method not in methods:
+        for option, names in METHOD_OPTIONS.items():
+            if option in options and method not in names:
                 raise KVPruningConfigError(
-                    f"kv_pruning option {option!r} applies to method(s) {list(methods)} only, "
+                    f"kv_pruning option {option!r} applies to method(s) {list(names)} only, "
                     f"not {method!r}"
                 )
-        if options.get("surrogate") and method in BASELINE_METHODS:
+        press = PRESSES.get(method)
+        if options.get("surrogate") and press is not None and press.surrogate_kind is None:
             raise KVPruningConfigError(
                 f"kv_pruning method {method!r} uses no surrogate; drop the surrogate option"
             )
@@ -241,8 +260,7 @@ class KVPruningConfig:
             window=window,
             surrogate=_parse_optional_str("surrogate", options.get("surrogate")),
             stats_path=_parse_optional_str("stats_path", options.get("stats_path")),
-            sinks=_parse_count("sinks", options.get("sinks", DEFAULT_SINKS)),
-            seed=_parse_count("seed", options.get("seed", 0)),
+            press=None if press is None else _parse_press(press, options),
             ratio=ratio,
             alpha=alpha,
             prefill=options.get("prefill") or "dense",
@@ -305,6 +323,16 @@ def parse_ratio(value: Any) -> float:
 def parse_alpha(value: Any) -> float:
     """Safeguard: each KV head keeps at least this share of a layer's kept pairs, 0 <= A <= 1."""
     return _parse_fraction("alpha", value, 1.0, True, "0.2")
+
+
+def _parse_press(press: type[Press], options: dict[str, Any]) -> Press:
+    """The method's press with its options: given ones parsed (an int option is a count >= 0),
+    the others its defaults."""
+    given = {f.name: options[f.name] for f in fields(press) if f.name in options}
+    for name, value in given.items():
+        if type(press.__dataclass_fields__[name].default) is int:
+            given[name] = _parse_count(name, value)
+    return press(**given)
 
 
 def _parse_window(value: Any) -> int:

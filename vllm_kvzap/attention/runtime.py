@@ -1,16 +1,17 @@
 """Worker-side pruning state, shared by the scoring op and the attention backend.
 
 Data flow inside one forward pass, per decoder layer `l`:
-1. a forward pre-hook on `layers.{l}.self_attn` scores the layer's input hidden states `[T, D]` with
-   the surrogate (the torch twin on CPU, the Triton kernel as a custom op on CUDA,
-   `kernels/surrogate_score.py`) or a baseline (`scorers/baselines.py`; knorm is scored from the
-   keys in step 2), and the scoring op (`scoring_op.py`) copies them into `score_buffer[l, :T]`
-   (`[L, max_num_batched_tokens, H_kv]` float32, allocated once on the model's device: a captured
-   CUDA graph replays that copy into the same memory);
-2. the attention backend of layer `l` takes them (`layer_scores`) and stores each pair's score with
-   it: paged mode in the page table (`cache/page_table.py`), which judges a pair against the
-   threshold once it has left the window; mask mode as keep flags (score >= threshold) in
-   `keep_caches[l]`, indexed like vLLM's paged KV cache (one row per slot).
+1. a forward pre-hook on `layers.{l}.self_attn` asks the method's press (`config.press`,
+   `scorers/registry.py`) for the scores of the layer's input hidden states `[T, D]`
+   (`input_scores`: e.g. the KVzap surrogate, the torch twin on CPU and the Triton kernel as a
+   custom op on CUDA, `kernels/surrogate_score.py`), and the scoring op (`scoring_op.py`) copies
+   them into `score_buffer[l, :T]` (`[L, max_num_batched_tokens, H_kv]` float32, allocated once on
+   the model's device: a captured CUDA graph replays that copy into the same memory);
+2. the attention backend of layer `l` takes them (`layer_scores`; a press that scores the keys,
+   knorm, is asked there, `key_scores`) and stores each pair's score with it: paged mode in the
+   page table (`cache/page_table.py`), which judges a pair against the threshold once it has left
+   the window; mask mode as keep flags (score >= threshold) in `keep_caches[l]`, indexed like
+   vLLM's paged KV cache (one row per slot).
 A pair's score is fixed when it is written; when it is applied depends only on the request's
 progress, so a pair is judged exactly once and never comes back.
 """
@@ -26,7 +27,6 @@ from vllm_kvzap.cache.page_table import PageTable, StepPlan, StepRows, allocate_
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.rule import keep
 from vllm_kvzap.scorers import Surrogate, load_surrogate
-from vllm_kvzap.scorers.baselines import knorm_scores, random_scores, window_scores
 
 _runtime: PruningRuntime | None = None
 
@@ -47,6 +47,7 @@ class PruningRuntime:
         heads: TensorParallelHeads | None = None,
     ):
         self.config = config
+        self.press = config.press  # the scoring method, with its options
         self.surrogate = surrogate
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads  # this rank's (all of them without tensor parallelism)
@@ -123,16 +124,8 @@ class PruningRuntime:
         self, layer_idx: int, hidden_states: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor | None:
         """Scores [T, H_kv] of the step's tokens from the layer's input, in plain torch ops (they
-        become part of the compiled model graph); None for knorm (scored from the keys)."""
-        method = self.config.method
-        if self.surrogate is not None:
-            return self.surrogate.score(hidden_states, layer_idx)
-        if method == "window":
-            return window_scores(positions, self.num_kv_heads, self.config.sinks)
-        if method == "random":
-            first = self.heads.first if self.heads is not None else 0
-            return random_scores(positions, layer_idx, self.num_kv_heads, self.config.seed, first)
-        return None
+        become part of the compiled model graph); None for a method that scores the keys."""
+        return self.press.input_scores(self, layer_idx, hidden_states, positions)
 
     def save_scores(self, layer_idx: int, scores: torch.Tensor) -> None:
         """The scoring op: the step's scores, for the layer's attention right after."""
@@ -146,9 +139,8 @@ class PruningRuntime:
 
     def layer_scores(self, layer_idx: int, key: torch.Tensor) -> torch.Tensor:
         """Scores [T, H_kv] float32 of the step's tokens in this layer (key: [T, H_kv, D])."""
-        if self.config.method == "knorm":
-            return knorm_scores(key)
-        return self.score_buffer[layer_idx, : key.shape[0]]
+        scores = self.press.key_scores(key)
+        return self.score_buffer[layer_idx, : key.shape[0]] if scores is None else scores
 
     def keep_flags(self, layer_idx: int, key: torch.Tensor) -> torch.Tensor:
         """Mask mode: keep flags [T, H_kv] (score >= threshold) of the step's tokens."""

@@ -1,21 +1,23 @@
-"""Surrogate scoring + threshold decision: the math of KVzap, in Triton and in torch.
+"""Surrogate scoring: the math of KVzap, in Triton and in torch.
 
 Data flow: checkpoint on disk -> ``scorers.Surrogate`` (stacked per-layer weights) -> **this module**
-(scores ``[T, H_kv]`` and keep flags) -> keep flags consumed by the attention backend.
+(scores ``[T, H_kv]`` float32) -> the attention backend, which stores each score with its pair
+(judged by ``rule.keep`` once the pair has left the window, or ranked in ratio mode).
 
 For one layer, with ``x`` the input of ``self_attn`` (``[T, D]``, the model's dtype):
 
     linear: scores = x @ w1.T + b1                                  w1 [H, D]
     mlp:    scores = gelu_erf(x @ w1.T + b1) @ w2.T + b2            w1 [N, D], w2 [H, N]
-    keep   = scores >= threshold     (pruned iff strictly below; threshold may be -inf)
 
 Three implementations of the scores, all float32 ``[T, H]``:
-- ``score_and_decide_torch``: the reference, everything in float32 (the CPU path; torch.compile
-  fuses it into the model's graph);
-- ``score_and_decide_triton``: one fused Triton kernel, ``x @ w1.T`` on tensor cores in x's dtype;
+- ``scores_torch``: the reference, everything in float32 (the CPU path; torch.compile fuses it
+  into the model's graph);
+- ``_triton_scores``: one fused Triton kernel, ``x @ w1.T`` on tensor cores in x's dtype;
 - ``scores_cublas``: cuBLAS GEMMs in x's dtype through torch, for long prefill chunks.
 On CUDA, ``surrogate_scores`` (a custom op, opaque to torch.compile) picks between the last two by
-the step's token count, at run time: see ``use_triton``.
+the step's token count, at run time: see ``use_triton``. ``score_and_decide_torch`` and
+``score_and_decide_triton`` add the rule's keep flags (``rule.keep``) to the torch and Triton
+scores, for checks (the tests, ``benchmarks/gpu_kernel_check.py``); the model never asks for them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from vllm_kvzap.rule import keep
 
 try:
     import triton
@@ -38,10 +42,10 @@ except ImportError:  # the torch twin works without Triton
 __all__ = [
     "HAS_TRITON",
     "TRITON_MAX_TOKENS",
-    "score_and_decide",
     "score_and_decide_torch",
     "score_and_decide_triton",
     "scores_cublas",
+    "scores_torch",
     "surrogate_scores",
     "use_triton",
 ]
@@ -82,6 +86,22 @@ def _check_args(
     return T, D, N, H
 
 
+def scores_torch(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+) -> torch.Tensor:
+    """Plain-torch twin: scores [T, H] float32, all math in float32."""
+    _check_args(x, w1, b1, w2, b2)
+    scores = F.linear(x.float(), w1.float(), b1.float())
+    if w2 is not None:
+        assert b2 is not None
+        scores = F.linear(F.gelu(scores, approximate="none"), w2.float(), b2.float())
+    return scores
+
+
 def score_and_decide_torch(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -90,13 +110,9 @@ def score_and_decide_torch(
     b2: torch.Tensor | None,
     threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch twin: returns (scores [T, H] float32, keep [T, H] bool)."""
-    _check_args(x, w1, b1, w2, b2)
-    scores = F.linear(x.float(), w1.float(), b1.float())
-    if w2 is not None:
-        assert b2 is not None
-        scores = F.linear(F.gelu(scores, approximate="none"), w2.float(), b2.float())
-    return scores, scores >= threshold
+    """(scores_torch, keep [T, H] bool = ``rule.keep(scores, threshold)``), for checks."""
+    scores = scores_torch(x, w1, b1, w2, b2)
+    return scores, keep(scores, threshold)
 
 
 def scores_cublas(
@@ -292,7 +308,7 @@ def _triton_scores(
     input_precision: str = "ieee",
 ) -> torch.Tensor:
     if not HAS_TRITON:
-        raise RuntimeError("Triton is not installed; use score_and_decide_torch")
+        raise RuntimeError("Triton is not installed; use scores_torch")
     T, D, N, H = _check_args(x, w1, b1, w2, b2)
     if x.is_cuda:
         kernel = _surrogate_score_kernel
@@ -344,13 +360,13 @@ def score_and_decide_triton(
     block_n: int | None = None,
     input_precision: str = "ieee",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused Triton scoring: returns (scores [T, H] float32, keep [T, H] bool).
+    """Fused Triton scoring, for checks: (scores [T, H] float32, keep [T, H] bool =
+    ``rule.keep(scores, threshold)``); the scores are ``_triton_scores``'.
 
     One kernel (``_surrogate_score_kernel``) tiled over tokens and hidden units (MLP) or over
     tokens and D (linear), so a decode step spreads over the SMs, then a float32 sum of the
     partial scores of the S slices when S > 1 (a second small kernel; deterministic, unlike
-    atomics, so a step scores the same tokens identically every time) and ``keep = scores >=
-    threshold``. ``x @ w1.T`` runs in x's dtype (bf16/fp16 on tensor cores; fp32 with
+    atomics, so a step scores the same tokens identically every time). ``x @ w1.T`` runs in x's dtype (bf16/fp16 on tensor cores; fp32 with
     ``input_precision``: "ieee" matches the float32 twin, "tf32" is faster at ~1e-3 relative
     error) with float32 accumulation. w1 is cast to x's dtype when it is not in it, per call: the
     ``Surrogate`` keeps a cast copy so the GPU path never casts.
@@ -360,7 +376,7 @@ def score_and_decide_triton(
     tile, the linear kind takes all heads in one tile).
     """
     scores = _triton_scores(x, w1, b1, w2, b2, block_t, block_d, block_n, input_precision)
-    return scores, scores >= threshold
+    return scores, keep(scores, threshold)
 
 
 def use_triton(num_tokens: int, is_mlp: bool) -> bool:
@@ -376,21 +392,6 @@ def use_triton(num_tokens: int, is_mlp: bool) -> bool:
       gpu_kernel_check.py`` prints both paths' times around it.
     """
     return not is_mlp or num_tokens <= TRITON_MAX_TOKENS
-
-
-def score_and_decide(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor | None,
-    b2: torch.Tensor | None,
-    threshold: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch: ``surrogate_scores``' rule for CUDA tensors, the torch twin otherwise."""
-    if x.is_cuda:
-        scores = surrogate_scores(x, w1, b1, w2, b2)
-        return scores, scores >= threshold
-    return score_and_decide_torch(x, w1, b1, w2, b2, threshold)
 
 
 @torch.library.custom_op("vllm_kvzap::surrogate_scores", mutates_args=())

@@ -1,7 +1,9 @@
-"""KVzap surrogates: checkpoint I/O (published format, local dir or Hub) and the per-layer scorer.
+"""Scoring: the methods (presses, ``registry.methods()``), KVzap's surrogates (checkpoint I/O in the
+published format, local dir or Hub; the per-layer scorer) and the ratio rule (``adakv``).
 
-Data flow: checkpoint on disk -> Surrogate -> kernel (``vllm_kvzap.kernels``) -> keep flags
-consumed by the attention backend. Pure torch + safetensors + huggingface_hub; no vLLM import.
+Data flow: ``kv_pruning`` method -> its press (``kvzap``: checkpoint on disk -> Surrogate -> kernel,
+``vllm_kvzap.kernels``; ``baselines``) -> scores ``[T, H_kv]`` the attention backend stores with
+their pairs. Pure torch + safetensors + huggingface_hub; no vLLM import.
 """
 
 from vllm_kvzap.scorers.checkpoint import (
@@ -12,6 +14,7 @@ from vllm_kvzap.scorers.checkpoint import (
     save_checkpoint,
     validate_state_dict,
 )
+from vllm_kvzap.scorers.registry import Press, methods
 from vllm_kvzap.scorers.surrogate import (
     BUNDLED_DIR,
     SURROGATE_KINDS,
@@ -24,12 +27,14 @@ from vllm_kvzap.scorers.surrogate import (
 __all__ = [
     "BUNDLED_DIR",
     "SURROGATE_KINDS",
+    "Press",
     "Surrogate",
-    "bundled_checkpoint_dir",
     "SurrogateCheckpointError",
     "SurrogateConfig",
+    "bundled_checkpoint_dir",
     "default_surrogate_id",
     "load_surrogate",
+    "methods",
     "read_checkpoint",
     "resolve_checkpoint_dir",
     "save_checkpoint",

@@ -1,7 +1,8 @@
 """Baseline pruning methods, scored like KVzap so that the same DMS machinery applies them.
 
-Every method maps the tokens of one step to scores `[T, H_kv]`; a pair is pruned when its score is
-strictly below the threshold once it leaves the window, exactly as for `kvzap-*`:
+Presses of the registry (registry.py). Every method maps the tokens of one step to scores
+`[T, H_kv]`; a pair is pruned when its score is strictly below the threshold once it leaves the
+window, exactly as for `kvzap-*`:
 - `window` (StreamingLLM): the first `sinks` positions score +inf, every other one -inf, so only the
   attention sinks and the recent window survive (the threshold does not matter);
 - `knorm` (kvpress's KnormPress): score = -||k|| of the cached key (after the key norm and RoPE,
@@ -13,7 +14,11 @@ strictly below the threshold once it leaves the window, exactly as for `kvzap-*`
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+
+from vllm_kvzap.scorers.registry import Press
 
 _MULT = 2654435761  # Knuth's multiplicative hash constant
 _MASK = 2**32 - 1
@@ -52,3 +57,34 @@ def random_scores(
     positions: torch.Tensor, layer_idx: int, num_kv_heads: int, seed: int, first_head: int = 0
 ) -> torch.Tensor:
     return -random_uniform(positions, layer_idx, num_kv_heads, seed, first_head)
+
+
+@dataclass(frozen=True)
+class Window(Press):
+    name = "window"
+    help = "sinks + recent window"
+    rankable = False  # +-inf scores: nothing to rank
+    sinks: int = field(default=4, metadata={"help": "the first N tokens are kept as attention sinks"})
+
+    def input_scores(self, runtime, layer_idx, hidden_states, positions):
+        return window_scores(positions, runtime.num_kv_heads, self.sinks)
+
+
+@dataclass(frozen=True)
+class Knorm(Press):
+    name = "knorm"
+    help = "largest key norms pruned"
+
+    def key_scores(self, key):
+        return knorm_scores(key)
+
+
+@dataclass(frozen=True)
+class Random(Press):
+    name = "random"
+    help = "uniform random scores"
+    seed: int = field(default=0, metadata={"help": "seed of the per-(layer, position, head) draws"})
+
+    def input_scores(self, runtime, layer_idx, hidden_states, positions):
+        first = runtime.heads.first if runtime.heads is not None else 0
+        return random_scores(positions, layer_idx, runtime.num_kv_heads, self.seed, first)

@@ -1,7 +1,7 @@
 """The KVzap surrogate: per-layer scorer of the hidden states entering ``self_attn``.
 
 Data flow: checkpoint on disk -> **Surrogate** (stacked float32 weights of all layers) -> kernel
-(``kernels.surrogate_score``: scores and keep flags) -> keep flags consumed by the attention backend.
+(``kernels.surrogate_score``) -> scores ``[T, H_kv]``, asked for by the kvzap presses (kvzap.py).
 
 Weights are stacked over layers so one layer is a view, with no Python module per layer:
 
@@ -15,13 +15,12 @@ w1 is cast to it once per dtype and kept (``w1_as``); the small b1, w2, b2 stay 
 from __future__ import annotations
 
 import dataclasses
-
 import os
 from pathlib import Path
 
 import torch
 
-from vllm_kvzap.kernels.surrogate_score import score_and_decide, surrogate_scores
+from vllm_kvzap.kernels.surrogate_score import scores_torch, surrogate_scores
 from vllm_kvzap.scorers.checkpoint import (
     SurrogateCheckpointError,
     SurrogateConfig,
@@ -160,17 +159,6 @@ class Surrogate:
         b2 = None if self.b2 is None else self.b2[layer_idx]
         return self.w1[layer_idx], self.b1[layer_idx], w2, b2
 
-    def score_and_decide(
-        self, hidden_states: torch.Tensor, layer_idx: int, threshold: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores [T, H_kv] float32, keep [T, H_kv] bool); keep = scores >= threshold."""
-        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.config.input_dim:
-            raise ValueError(
-                f"hidden_states must be [T, {self.config.input_dim}], "
-                f"got {list(hidden_states.shape)}"
-            )
-        return score_and_decide(hidden_states, *self._weights(hidden_states, layer_idx), threshold)
-
     def score(self, hidden_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Scores [T, H_kv] float32 (approximate log KVzip+ importance) of one layer.
 
@@ -186,7 +174,12 @@ class Surrogate:
         """
         if hidden_states.is_cuda:
             return surrogate_scores(hidden_states, *self._weights(hidden_states, layer_idx))
-        return self.score_and_decide(hidden_states, layer_idx, float("-inf"))[0]
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.config.input_dim:
+            raise ValueError(
+                f"hidden_states must be [T, {self.config.input_dim}], "
+                f"got {list(hidden_states.shape)}"
+            )
+        return scores_torch(hidden_states, *self._weights(hidden_states, layer_idx))
 
     def _weights(self, hidden_states: torch.Tensor, layer_idx: int):
         """layer_weights, with w1 in the hidden states' dtype on CUDA (float32 on CPU)."""
