@@ -1,14 +1,15 @@
 """Answer accuracy vs KV pruned fraction on the recall task: KVzap against simple baselines, in vLLM.
 
-The committed recall model (``models/recall-qwen3``, trained by ``tools/train_recall_model``) reads
-a context of key-value facts in redundant filler; the prompt ends with ``<query>`` and the questions
-are asked during *decoding*: a logits processor forces ``? k17`` and lets the model answer the value
-greedily, query after query. DMS prefill is dense, so the answers are produced against the pruned
-cache, as in a chat whose question follows a long document. Every method runs on the same DMS
+The committed recall model (``models/recall-qwen3``, trained by
+``experiments/recall/train_recall_model``) reads a context of key-value facts in redundant filler;
+the prompt ends with ``<query>`` and the questions are asked during *decoding*: a logits processor
+(``benchmarks/forcing.py``) forces ``? k17`` and lets the model answer the value greedily, query
+after query. DMS prefill is dense, so the answers are produced against the pruned cache, as in a
+chat whose question follows a long document. Every method runs on the same DMS
 machinery (window of ``--window`` recent tokens never pruned) through vLLM with the plugin:
 
 - ``kvzap-mlp`` / ``kvzap-linear``: the model's surrogates (``models/recall-qwen3/kvzap-*``), trained
-  with ``tools/train_surrogate`` on KVzip+ targets;
+  with ``training/train_surrogate`` on KVzip+ targets;
 - ``knorm`` (largest key norms pruned), ``random``, and ``window`` (sinks + recent window only).
 
 Thresholds are calibrated offline on held-out calibration contexts to target pruned fractions (score
@@ -22,54 +23,20 @@ pruned fraction per target) and saves JSON and a plot::
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-from experiments.recall.recall_task import QUERY, TOKEN_TO_ID, Example, encode, make_example
+from benchmarks import harness, report
+from benchmarks.forcing import ForcedTokens, query_request
+from experiments.recall.recall_task import Example, make_example
 
 METHODS = ("kvzap-mlp", "kvzap-linear", "knorm", "random", "window")
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 EVAL_SEED_BASE = 1_500_000_000  # held out from model training (< 1e9 / 1e9..) and surrogates (2e9..)
 CALIB_SEED_BASE = 1_600_000_000
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "models" / "recall-qwen3"
-FREE = -1  # a decoding step the model chooses (an answer)
-
-
-class ForcedTokens(AdapterLogitsProcessor):
-    """Forces ``extra_args["forced_tokens"][i]`` at output step ``i`` (``-1``: left free)."""
-
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def new_req_logits_processor(self, params):
-        forced = (params.extra_args or {}).get("forced_tokens")
-        if not forced:
-            return None
-
-        def force(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-            i = len(output_ids)
-            if i < len(forced) and forced[i] != FREE:
-                logits.fill_(float("-inf"))
-                logits[forced[i]] = 0.0
-            return logits
-
-        return force
-
-
-def query_request(ex: Example) -> tuple[list[int], list[int]]:
-    """(prompt ids: BOS context <query>, forced output tokens: ``? key FREE ;`` per query)."""
-    prompt = ex.ids[: ex.context[1]] + encode([QUERY])
-    forced = []
-    for key in ex.query_keys:
-        forced += [TOKEN_TO_ID["?"], TOKEN_TO_ID[key], FREE, TOKEN_TO_ID[";"]]
-    return prompt, forced
+DEFAULT_MODEL = report.REPO / "models" / "recall-qwen3"
 
 
 def answer_hits(ex: Example, output_ids: list[int]) -> list[bool]:
@@ -96,49 +63,15 @@ def token_roles(ex: Example) -> list[str]:
     return ["sink", *roles, "punct"]
 
 
-def collect_scores(model_dir: Path, examples: list[Example]) -> tuple[dict[str, torch.Tensor],
-                                                                       list[str]]:
+def collect_scores(model_dir: Path, examples: list[Example]):
     """Per method, the scores ``[layers, prompt tokens of all examples, KV heads]`` of ``examples``'
     prompts (as the plugin computes them in a dense prefill), and each token's role."""
-    from transformers import AutoModelForCausalLM
-
-    from vllm_kvzap.scorers import load_surrogate
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    layers = model.model.layers
-    inputs: dict[int, torch.Tensor] = {}
-    keys: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(layers):
-        hooks.append(layer.self_attn.register_forward_pre_hook(
-            lambda m, a, kw, i=i: inputs.__setitem__(i, kw["hidden_states"][0].float()),
-            with_kwargs=True))  # fmt: skip
-        hooks.append(layer.self_attn.k_norm.register_forward_hook(
-            lambda m, a, out, i=i: keys.__setitem__(i, out[0].float())))  # fmt: skip
-    surrogates = {
-        k: load_surrogate(model_dir / k) for k in ("kvzap-mlp", "kvzap-linear")
-        if (model_dir / k / "config.json").is_file()
-    }  # fmt: skip
-    scores: dict[str, list[torch.Tensor]] = {m: [] for m in (*surrogates, "knorm")}
-    roles: list[str] = []
-    try:
-        with torch.no_grad():
-            for ex in examples:
-                prompt, _ = query_request(ex)
-                model(input_ids=torch.tensor([prompt]), use_cache=False)
-                roles += token_roles(ex)
-                for name, s in surrogates.items():
-                    scores[name].append(torch.stack([s.score(inputs[i], i)
-                                                     for i in range(len(layers))]))  # fmt: skip
-                # k_norm's output [T, H_kv, D] is the key before RoPE, which keeps norms: the
-                # plugin's knorm score is -||k||.
-                scores["knorm"].append(torch.stack([
-                    -keys[i].reshape(len(prompt), -1, keys[i].shape[-1]).norm(dim=-1)
-                    for i in range(len(layers))]))  # fmt: skip
-    finally:
-        for h in hooks:
-            h.remove()
-    return {m: torch.cat(v, dim=1) for m, v in scores.items()}, roles
+    surrogates = {k: model_dir / k for k in ("kvzap-mlp", "kvzap-linear")
+                  if (model_dir / k / "config.json").is_file()}  # fmt: skip
+    prompts = [query_request(ex)[0] for ex in examples]
+    # k_norm's output is the key before RoPE, which keeps norms: the plugin's knorm score is -||k||
+    scores = harness.collect_scores(model_dir, surrogates, prompts, knorm_keys="k_norm")
+    return scores, [role for ex in examples for role in token_roles(ex)]
 
 
 def pruned_by_role(scores: torch.Tensor, roles: list[str], threshold: float) -> dict:
@@ -159,19 +92,7 @@ def calibrate(method: str, fraction: float, scores, judged_share: float, total_l
     """Plugin options whose pruned fraction is about ``fraction``."""
     if method == "window":  # keeps sinks + window of ``total_len`` tokens
         return {"window": max(1, round((1 - fraction) * total_len) - sinks), "sinks": sinks}
-    return threshold_options(method, fraction, scores, judged_share)
-
-
-def threshold_options(method: str, fraction: float, scores, judged_share: float) -> dict:
-    """A threshold whose pruned fraction is about ``fraction`` when ``judged_share`` of the pairs
-    leave the window: the score quantile (``scores[method]``), or random's exact rule."""
-    q = min(0.999, fraction / judged_share)  # the window is never pruned
-    if method == "random":  # score = -u, u uniform: threshold t prunes a fraction 1 + t
-        return {"threshold": q - 1.0}
-    flat = scores[method].reshape(-1)
-    if flat.numel() > 2**24:  # torch.quantile's limit: a fixed random subset
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2**24]]
-    return {"threshold": float(torch.quantile(flat, q))}
+    return harness.threshold_options(method, fraction, scores, judged_share)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,12 +100,11 @@ def threshold_options(method: str, fraction: float, scores, judged_share: float)
 # --------------------------------------------------------------------------------------------------
 
 
-def make_llm(model, examples, additional_config: dict | None = None):
-    """A vLLM engine sized for ``examples``' query requests, with the forcing logits processor."""
-    from vllm import LLM
-
+def engine_args(model, examples, additional_config: dict | None = None) -> dict:
+    """A vLLM engine's arguments sized for ``examples``' query requests, with the forcing logits
+    processor."""
     longest = max(len(p) + len(f) for p, f in map(query_request, examples))
-    return LLM(
+    return dict(
         model=str(model),
         dtype="float32",
         max_model_len=longest + 32,
@@ -221,15 +141,10 @@ def run_point(args, examples, pruning: dict | None, stats_path: Path) -> dict:
     if pruning is not None:
         stats_path.unlink(missing_ok=True)
         additional = {"kv_pruning": {**pruning, "stats_path": str(stats_path)}}
-    llm = make_llm(args.model, examples, additional)
-    try:
+    with harness.engine(**engine_args(args.model, examples, additional)) as llm:
         start = time.perf_counter()
         outputs = generate_answers(llm, examples)
         elapsed = time.perf_counter() - start
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
     hits = [answer_hits(ex, out) for ex, out in zip(examples, outputs)]
     n = sum(len(h) for h in hits)
     result = {"accuracy": sum(map(sum, hits)) / n, "answers": n, "generate_s": round(elapsed, 2),
@@ -262,11 +177,9 @@ def print_table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     base = results["baseline"]
     for m, points in results["methods"].items():
@@ -281,15 +194,13 @@ def plot(results: dict, path: Path) -> None:
     ax.legend()
     ax.set_title(f"recall task through vLLM + vllm-kvzap (window {results['window']}, "
                  f"{results['answers']} answers per point)", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=report.REPO / "benchmarks" / "results")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
     ap.add_argument("--contexts", type=int, default=100, help="evaluation contexts")
@@ -308,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
         if m.startswith("kvzap") and not (args.model / m / "config.json").is_file():
-            raise SystemExit(f"{m}: no surrogate at {args.model / m} (train it: tools/TRAINING.md)")
+            raise SystemExit(f"{m}: no surrogate at {args.model / m} (train it: training/TRAINING.md)")
     args.out.mkdir(parents=True, exist_ok=True)
 
     examples = [make_example(EVAL_SEED_BASE + i, args.pairs, args.filler)
@@ -326,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     baseline = run_point(args, examples, None, stats_path)
     print(f"plain vLLM: accuracy {baseline['accuracy']:.3f}")
-    results = {"model": str(args.model.relative_to(REPO) if args.model.is_relative_to(REPO)
-                             else args.model),
+    results = {"model": report.shown(args.model),
                "window": args.window, "pairs": args.pairs, "filler": args.filler,
                "contexts": args.contexts, "answers": baseline["answers"],
                "mean_kv_tokens": round(total_len, 1), "baseline": baseline, "methods": {}}  # fmt: skip
@@ -348,9 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)  # fmt: skip
     stats_path.unlink(missing_ok=True)
     results["table"] = print_table(results)
-    results["command"] = "python -m benchmarks.accuracy_benchmark " + " ".join(
-        sys.argv[1:] if argv is None else argv)
-    (args.out / "accuracy.json").write_text(json.dumps(results, indent=1) + "\n")
+    results["command"] = report.command("accuracy_benchmark", argv)
+    report.save_json(args.out / "accuracy.json", results)
     plot(results, args.out / "accuracy.png")
     print(f"wrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.png'}")
     return 0

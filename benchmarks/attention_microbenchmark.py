@@ -35,7 +35,6 @@ x context): one query head against one KV pair.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import save_json
 from vllm_kvzap.compat import (
     cpu_attention_with_kv_cache,
     cpu_attn_get_scheduler_metadata,
@@ -233,7 +233,7 @@ def main():
             report["results"][f"{context}/{dtype_name}"] = res
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=1))
+    save_json(out_path, report)
     print(f"saved {out_path}")
 
 

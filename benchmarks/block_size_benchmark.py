@@ -19,10 +19,10 @@ running and waiting queues can be read after every step.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
 from pathlib import Path
+
+from benchmarks import harness, report
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -30,79 +30,47 @@ NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN, WINDOW = 64, 320, 64, 128
 PLAIN_CONCURRENT = 8  # the KV budget, in full requests of plain vLLM
 
 
-def make_prompts(seed: int = 0) -> list[list[int]]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 900, (PROMPT_LEN,), generator=g).tolist() for _ in range(NUM_REQUESTS)]
-
-
 def calibrate(paths, prompts, fractions) -> list[float]:
     """Thresholds pruning about each fraction of the pairs (only tokens older than the window at
     the end of a request are judged: the fraction is over all its pairs)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tools.make_tiny_model import capture_attention_inputs
-    from vllm_kvzap.scorers import load_surrogate
-
-    model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32).eval()
-    surrogate = load_surrogate(paths["mlp"])
+    scores = harness.collect_scores(paths["model"], {"mlp": paths["mlp"]}, prompts[:4])["mlp"]
     total = PROMPT_LEN + OUTPUT_LEN - 1
     judged_share = (total - WINDOW) / total
-    scores = []
-    for prompt in prompts[:4]:
-        inputs = capture_attention_inputs(model, torch.tensor([prompt]))
-        for layer_idx, x in enumerate(inputs):
-            s = surrogate.score(x.reshape(-1, x.shape[-1]), layer_idx)
-            scores.append(s.reshape(-1))
-    scores = torch.cat(scores).double()
-    return [float(torch.quantile(scores, min(0.999, f / judged_share))) for f in fractions]
+    return [harness.quantile_threshold(scores.double(), f, judged_share) for f in fractions]
 
 
 def run(paths, prompts, kv_bytes, block_size=None, threshold=None, stats_path=None) -> dict:
-    from vllm import LLM, SamplingParams
-
-    from vllm_kvzap.stats import wait_for_stats
-
     kwargs = dict(model=str(paths["model"]), dtype="float32", kv_cache_memory_bytes=kv_bytes,
                   max_model_len=PROMPT_LEN + OUTPUT_LEN, distributed_executor_backend="uni", seed=0)
     if threshold is not None:
-        kwargs.update(block_size=block_size, additional_config={"kv_pruning": {
-            "method": "kvzap-mlp", "threshold": threshold, "window": WINDOW,
-            "surrogate": str(paths["mlp"]), "stats_path": str(stats_path)}})  # fmt: skip
-    llm = LLM(**kwargs)
-    try:
+        pruning = harness.kvzap(paths["mlp"], WINDOW, threshold, stats_path)
+        kwargs.update(block_size=block_size, additional_config={"kv_pruning": pruning})
+    with harness.engine(**kwargs) as llm:
         engine = llm.llm_engine
         scheduler = engine.engine_core.engine_core.scheduler
-        params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), {"prompt_token_ids": p}, params)
         bound = []  # running requests in steps where others wait for memory
-        while engine.has_unfinished_requests():
-            engine.step()
+
+        def on_step(_):
             if len(scheduler.waiting):
                 bound.append(len(scheduler.running))
+
+        harness.drive(llm, prompts, [OUTPUT_LEN] * len(prompts), on_step=on_step)
         result = dict(block_size=engine.vllm_config.cache_config.block_size,
                       mean_running=sum(bound) / max(len(bound), 1), bound_steps=len(bound))
         if threshold is not None:
+            from vllm_kvzap.stats import wait_for_stats
+
             for _ in range(3):  # finished requests are reported one step later
                 engine.step()
             stats = wait_for_stats(stats_path, len(prompts))
             result["pruned_fraction"] = sum(s["pruned_fraction"] for s in stats) / len(stats)
         return result
-    finally:
-        engine.engine_core.shutdown()
-        del llm
-        gc.collect()
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for target in sorted({r["target"] for r in rows}):
         pts = [r for r in rows if r["target"] == target]
@@ -113,8 +81,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("block size (slots per page)")
     ax.set_ylabel("concurrency gain / (1 / (1 - p))")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    report.save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -122,12 +89,11 @@ def main() -> None:
     parser.add_argument("--block-sizes", default="16,32,64,128")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    from tools.make_tiny_model import TINY_CONFIG, make_tiny_model
+    from tools.make_tiny_model import make_tiny_model
 
     paths = make_tiny_model(Path(".cache/tiny"), seed=0)
-    prompts = make_prompts()
-    c = TINY_CONFIG
-    pair_bytes = 2 * c["head_dim"] * 4 * c["num_key_value_heads"] * c["num_hidden_layers"]
+    prompts = harness.make_prompts(NUM_REQUESTS, PROMPT_LEN, seed=0)
+    pair_bytes = harness.kv_bytes_per_token(harness.model_shape(paths["model"]), "float32")
     kv_bytes = PLAIN_CONCURRENT * (PROMPT_LEN + OUTPUT_LEN + 128) * pair_bytes
     fractions = (0.5, 0.72)
     thresholds = calibrate(paths, prompts, fractions)
@@ -151,9 +117,9 @@ def main() -> None:
                   f"{1 / (1 - p):>8.2f} {r['ratio']:>6.2f}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "block_size.json"
-    out.write_text(json.dumps(dict(plain=plain, plugin=rows, workload=dict(
+    report.save_json(out, dict(plain=plain, plugin=rows, workload=dict(
         requests=NUM_REQUESTS, prompt=PROMPT_LEN, output=OUTPUT_LEN, window=WINDOW,
-        kv_bytes=kv_bytes)), indent=1))  # fmt: skip
+        kv_bytes=kv_bytes)))  # fmt: skip
     plot(rows, args.out / "block_size.png")
     print(f"saved {out} and {args.out / 'block_size.png'}")
 

@@ -33,80 +33,22 @@ Targets (issue 11): >= 2.5x plain vLLM's output tokens/s at p ~0.72, >= 0.95x at
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-QWEN3_8B_CONFIG = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096,
-    "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
-    "max_position_embeddings": 40960, "max_window_layers": 36, "rope_theta": 1000000,
-    "rope_scaling": None, "rms_norm_eps": 1e-6, "attention_bias": False, "attention_dropout": 0.0,
-    "hidden_act": "silu", "tie_word_embeddings": False, "sliding_window": None,
-    "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645,
-    "torch_dtype": "bfloat16", "use_cache": True,
-}  # fmt: skip
-SURROGATE_HIDDEN = 512  # NVIDIA's KVzap-mlp-Qwen3-8B
+from benchmarks import harness, report
+
 WINDOW = 128
 CALIBRATION_GRID = [x / 2 for x in range(-20, 5)]  # thresholds -10 .. 2 (scores ~ -4 +- 1.5)
 CALIBRATION_OUTPUT = 128
-SLACK_TOKENS = 128
-
-
-def require_gpu() -> None:
-    """Exit with a clear message unless torch sees a CUDA GPU (before vLLM is imported)."""
-    try:
-        import torch
-    except ImportError:
-        sys.exit("gpu_benchmark: torch is not installed; run `bash tools/setup_env.sh` first")
-    if not torch.cuda.is_available():
-        sys.exit(
-            "gpu_benchmark needs an NVIDIA GPU with CUDA: torch.cuda.is_available() is False on "
-            "this machine (for CPU numbers run `python -m benchmarks.throughput_benchmark`)"
-        )
-
-
-def interpolate_thresholds(grid: list[float], fractions: list[float], targets: list[float]):
-    """Thresholds whose pruned fraction is each target, linearly between measured grid points
-    (the measured curve made non-decreasing first); a target outside the measured range gets the
-    nearest end and a note."""
-    import numpy as np
-
-    t = np.asarray(grid, dtype=float)
-    f = np.maximum.accumulate(np.asarray(fractions, dtype=float))
-    out, notes = [], []
-    for p in targets:
-        if p < f[0] or p > f[-1]:
-            notes.append(f"target {p} outside the measured {f[0]:.3f}..{f[-1]:.3f}")
-        # the first grid point reaching p, and the one before it
-        i = int(np.searchsorted(f, p, side="left"))
-        if i == 0:
-            out.append(float(t[0]))
-        elif i >= len(f):
-            out.append(float(t[-1]))
-        else:
-            lo, hi = f[i - 1], f[i]
-            w = 0.0 if hi == lo else (p - lo) / (hi - lo)
-            out.append(float(t[i - 1] + w * (t[i] - t[i - 1])))
-    return out, notes
 
 
 def run_plain(paths, wl, args) -> dict:
     """Plain vLLM at its defaults on the workload (the CPU benchmark's run, `run_config`)."""
-    from benchmarks import throughput_benchmark as tb
-
-    result, _ = tb.run_config(paths, wl, "plain vLLM", None, None, args)
+    result, _ = harness.run_config(paths, wl, "plain vLLM", None, None, args)
     return result
-
-
-def running(seen: dict) -> dict:
-    r = seen["running"]
-    return dict(peak_running=max(r, default=0), mean_running=sum(r) / max(len(r), 1),
-                preemptions=seen["preempted"])  # fmt: skip
 
 
 def run_plugin(
@@ -114,69 +56,39 @@ def run_plugin(
     calibration_output: int = CALIBRATION_OUTPUT, window: int = WINDOW,
 ) -> tuple[dict, list[dict]]:  # fmt: skip
     """One plugin engine: calibration on the grid, then the workload at -inf and at each target."""
-    from vllm import LLM, SamplingParams
-
-    from benchmarks import throughput_benchmark as tb
-    from vllm_kvzap.stats import wait_for_stats
-
     stats_path.unlink(missing_ok=True)
-    pruning = {"method": "kvzap-mlp", "threshold": float("-inf"), "window": window,
-               "surrogate": str(paths["mlp"]), "stats_path": str(stats_path)}  # fmt: skip
+    pruning = harness.kvzap(paths["mlp"], window, stats_path=stats_path)
     t0 = time.perf_counter()
-    llm = LLM(**tb.engine_kwargs(paths, wl, pruning, args))
-    startup = time.perf_counter() - t0
-    lines = 0
-
-    def stats_of(prefix: str, n: int) -> list[dict]:
-        nonlocal lines
-        lines += n
-        by_id = {s["request_id"]: s for s in wait_for_stats(stats_path, lines, timeout_s=120)}
-        return [by_id.get(f"{prefix}{i}") for i in range(n)]
-
-    try:
-        engine = tb.describe_engine(llm)
+    with harness.engine(**harness.engine_kwargs(paths, wl, pruning, args)) as llm:
+        startup = time.perf_counter() - t0
+        engine = harness.describe_engine(llm)
         # 1. calibration: one request per grid threshold, in one batch
-        prompt = wl["prompts"][0]
-        t1 = time.perf_counter()
-        for i, thr in enumerate(grid):
-            params = SamplingParams(max_tokens=calibration_output, temperature=0.0,
-                                    ignore_eos=True, extra_args={"kv_pruning": thr})  # fmt: skip
-            llm.llm_engine.add_request(f"calib{i}", {"prompt_token_ids": prompt}, params)
-        while llm.llm_engine.has_unfinished_requests():
-            llm.llm_engine.step()
-        calib = stats_of("calib", len(grid))
-        missing = [grid[i] for i, s in enumerate(calib) if s is None]
-        if missing:
-            raise RuntimeError(f"no statistics line for the calibration requests at {missing}")
-        fractions = [s["pruned_fraction"] for s in calib]
-        thresholds, notes = interpolate_thresholds(grid, fractions, args.targets)
-        calibration = dict(grid=grid, fractions=fractions, thresholds=thresholds, notes=notes,
-                           wall_s=time.perf_counter() - t1)  # fmt: skip
+        calibration = harness.calibrate_on_grid(llm, wl["prompts"][0], calibration_output, grid,
+                                                args.targets, stats_path)  # fmt: skip
+        thresholds, lines = calibration["thresholds"], len(grid)
         print(f"calibration ({calibration['wall_s']:.1f} s): thresholds "
               + ", ".join(f"{t:.3f} for p~{p}" for t, p in zip(thresholds, args.targets))
-              + "".join(f"; {n}" for n in notes), flush=True)  # fmt: skip
+              + "".join(f"; {n}" for n in calibration["notes"]), flush=True)  # fmt: skip
         # 2. the workload at -inf, then at each calibrated threshold
         results = []
         for level, thr in enumerate([float("-inf"), *thresholds]):
-            seen = tb.watch_scheduler(llm)
+            seen = harness.watch_scheduler(llm)
             prefix = f"L{level}-"
-            result, _ = tb.drive(llm, wl["prompts"], wl["output_lens"],
-                                 extra_args={"kv_pruning": thr}, id_prefix=prefix)  # fmt: skip
-            stats = [s for s in stats_of(prefix, len(wl["prompts"])) if s]
+            result, _ = harness.drive(llm, wl["prompts"], wl["output_lens"],
+                                      extra_args={"kv_pruning": thr}, id_prefix=prefix)  # fmt: skip
+            lines += len(wl["prompts"])
+            by_id = harness.stats_by_id(stats_path, lines)
+            stats = [s for i in range(len(wl["prompts"])) if (s := by_id.get(f"{prefix}{i}"))]
             n = max(len(stats), 1)
             label = "plugin, -inf" if level == 0 else f"plugin, p~{args.targets[level - 1]}"
             results.append(dict(
                 config=label, threshold=thr, startup_s=startup, engine_config=engine, **result,
-                **running(seen), stats_lines=len(stats),
+                **harness.running_summary(seen), stats_lines=len(stats),
                 pruned_fraction=sum(s["pruned_fraction"] for s in stats) / n,
                 resident_kv_kib_peak=sum(s["resident_kv_bytes_peak"] for s in stats) / n / 1024,
                 dense_kv_kib=sum(s["dense_kv_bytes"] for s in stats) / n / 1024,
             ))  # fmt: skip
             print(f"{label}: {result['output_tokens_per_s']:.0f} tok/s", flush=True)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
     return calibration, results
 
 
@@ -197,11 +109,9 @@ def print_table(results: list[dict]) -> None:
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
+    if plt is None:
+        return
     labels = [r["config"] for r in results]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     panels = [("output_tokens_per_s", "output tokens/s"), ("mean_running", "mean running requests"),
@@ -211,8 +121,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         ax.set_title(name)
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    report.save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -226,27 +135,19 @@ def main() -> None:
                         help="KV budget in full-length requests (plain vLLM's concurrency)")
     parser.add_argument("--targets", default="0.5,0.72", help="pruned-fraction targets")
     args = parser.parse_args()
-    require_gpu()
-
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cuda():
-        sys.exit(f"gpu_benchmark: vLLM runs on {current_platform.device_name}, not CUDA (the CPU "
-                 "build is installed?): `bash tools/setup_env.sh` installs vllm==0.32.0 on a GPU")  # fmt: skip
-
-    from benchmarks import throughput_benchmark as tb
-
+    harness.require_gpu("gpu_benchmark")
+    harness.require_cuda_vllm("gpu_benchmark")
     args.targets = [float(t) for t in args.targets.split(",") if t.strip()]
     lo, hi = (int(x) for x in args.output_len.split(","))
-    paths = tb.make_shape(QWEN3_8B_CONFIG, Path(args.model_dir), SURROGATE_HIDDEN)
-    c = QWEN3_8B_CONFIG
-    bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 2
+    config = harness.QWEN3_8B_CONFIG
+    paths = harness.make_shape(config, Path(args.model_dir), harness.QWEN3_8B_SURROGATE_HIDDEN)
+    bytes_per_token = harness.kv_bytes_per_token(harness.config_shape(config), "bfloat16")
     max_model_len = args.prompt_len + hi + 16
     wl = dict(
-        prompts=tb.make_prompts(args.num_requests, args.prompt_len, seed=0),
-        output_lens=tb.make_output_lens(args.num_requests, (lo, hi), seed=0),
+        prompts=harness.make_prompts(args.num_requests, args.prompt_len, seed=0),
+        output_lens=harness.make_output_lens(args.num_requests, (lo, hi), seed=0),
         max_model_len=max_model_len, bytes_per_token=bytes_per_token,
-        kv_bytes=args.kv_requests * (max_model_len + SLACK_TOKENS) * bytes_per_token,
+        kv_bytes=args.kv_requests * (max_model_len + harness.SLACK_TOKENS) * bytes_per_token,
     )  # fmt: skip
     engine_args = SimpleNamespace(dtype="bfloat16", load_format="dummy", plugin_block_size=None)
     out = Path(args.out)
@@ -258,7 +159,7 @@ def main() -> None:
     import torch
     import vllm
 
-    report = dict(
+    data = dict(
         device=torch.cuda.get_device_name(0), vllm=vllm.__version__, torch=torch.__version__,
         command=" ".join(sys.argv), model="Qwen3-8B shape, dummy",
         workload=dict(num_requests=args.num_requests, prompt_len=args.prompt_len,
@@ -268,8 +169,8 @@ def main() -> None:
     json_path = out / "gpu_benchmark.json"
 
     def save(**parts) -> None:  # after each engine, so a later failure keeps what was measured
-        report.update(parts, wall_s=time.perf_counter() - t0)
-        json_path.write_text(json.dumps(tb.jsonable(report), indent=2) + "\n")
+        data.update(parts, wall_s=time.perf_counter() - t0)
+        report.save_json(json_path, data, indent=2)
 
     plain = run_plain(paths, wl, engine_args)
     print(f"plain vLLM: {plain['output_tokens_per_s']:.0f} tok/s", flush=True)
@@ -279,8 +180,9 @@ def main() -> None:
     save(calibration=calibration, results=results)
     print_table(results)
     plot(results, out / "gpu_benchmark.png",
-         f"{report['device']}: Qwen3-8B shape, KV-bound ({args.num_requests} requests)")
-    print(f"\nwrote {json_path} and {out / 'gpu_benchmark.png'} ({report['wall_s']:.0f} s)")
+         f"{data['device']}: Qwen3-8B shape, KV-bound ({args.num_requests} requests)")
+    print(f"\nwrote {json_path} and {out / 'gpu_benchmark.png'} ({data['wall_s']:.0f} s)")
+
 
 if __name__ == "__main__":
     main()

@@ -27,23 +27,25 @@ Exits at once with a message when no GPU is visible.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import harness, report
 from vllm_kvzap.kernels import surrogate_score as ss
 
-D, H, N, LAYERS = 4096, 8, 512, 36  # Qwen3-8B: hidden size, KV heads, surrogate MLP width, layers
+QWEN3_8B = harness.config_shape(harness.QWEN3_8B_CONFIG)
+D, H, LAYERS = harness.QWEN3_8B_CONFIG["hidden_size"], QWEN3_8B["kv_heads"], QWEN3_8B["layers"]
+N = harness.QWEN3_8B_SURROGATE_HIDDEN  # the surrogate MLP's width
 TOKENS = (1, 64, 256, 1024, 2048, 8192)
 THRESHOLD = -4.0
 MAX_SCORE_DIFF = 2e-3  # Triton vs the twin on the same inputs: fp32 sums in another order only
 # A plain Qwen3-8B decode step, from memory traffic: bf16 weights read once, plus the batch's KV.
 DECODE_BATCH, CONTEXT = 64, 1024
 WEIGHT_BYTES, HBM_BYTES_PER_S = 16.4e9, 3.0e12  # H100 SXM: 3.35 TB/s peak, ~3.0 achieved
-KV_BYTES_PER_TOKEN = LAYERS * H * 128 * 2 * 2  # K and V, head size 128, bf16
+KV_BYTES_PER_TOKEN = harness.kv_bytes_per_token(QWEN3_8B, "bfloat16")
 
 
 def gpu_ms(fn, reps: int = 20, calls: int = 10) -> float:
@@ -253,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         mismatches = compare_page_tables(("cpu", "cpu"))
         print(f"page table on CPU equals CPU: {not mismatches} {mismatches[:20] or ''}")
         return 1 if mismatches else 0
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_kernel_check needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    harness.require_gpu("gpu_kernel_check")
     gen = torch.Generator().manual_seed(0)
     rows = [check(kind, torch.bfloat16, t, gen) for kind in ("mlp", "linear") for t in TOKENS]
     rows += [check(kind, torch.float32, t, gen) for kind in ("mlp", "linear") for t in (1, 256)]
@@ -291,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {t['batch']:>5} {t['plan_ms']:8.3f} {t['write_ms_per_layer']:8.3f} "
               f"{t['block_table_ms_per_layer']:8.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                    "rows": rows, "tile_sweep": sweep, "decode_share": shares,
-                                    "page_table": pages}, indent=1) + "\n")  # fmt: skip
+    report.save_json(args.out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                "rows": rows, "tile_sweep": sweep, "decode_share": shares,
+                                "page_table": pages})  # fmt: skip
     print(f"wrote {args.out}")
     return 0 if pages["equal_to_cpu"] and scores_ok else 1
 

@@ -27,23 +27,15 @@ One verdict line last: `SMOKE PASS ...` or `SMOKE FAIL ...` (exit status 1). JSO
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.gpu_benchmark import (
-    QWEN3_8B_CONFIG,
-    SURROGATE_HIDDEN,
-    WINDOW,
-    interpolate_thresholds,
-    require_gpu,
-)
+from benchmarks import harness, report
+from benchmarks.gpu_benchmark import CALIBRATION_GRID, WINDOW
 
 TARGET = 0.7
-GRID = [x / 2 for x in range(-20, 5)]  # per-request thresholds -10 .. 2 for the calibration
 
 
 def worker_state(worker) -> dict:
@@ -97,12 +89,6 @@ def generate_each(llm, prompts, output_len: int, thresholds) -> list[dict]:
     return [dict(request_id=o.request_id, tokens=list(o.outputs[0].token_ids)) for o in outs]
 
 
-def stats_lines(path: Path, count: int) -> dict:
-    from vllm_kvzap.stats import wait_for_stats
-
-    return {s["request_id"]: s for s in wait_for_stats(path, count, timeout_s=120)}
-
-
 def agreement(plain: list[dict], other: list[dict], tie_nats: float, atol: float) -> dict:
     """Whether `other` equals `plain` up to bf16 effects: per request, tokens equal until the
     first position where plain's top-2 log-probabilities are within `tie_nats` (a near-tie may
@@ -126,49 +112,35 @@ def agreement(plain: list[dict], other: list[dict], tie_nats: float, atol: float
 
 
 def check_smoke(engine: dict, surrogate: str, prompts, output_len: int, stats_path: Path,
-                tie_nats: float = 0.2, atol: float = 0.1, grid=GRID, target: float = TARGET,
-                window: int = WINDOW) -> dict:  # fmt: skip
+                tie_nats: float = 0.2, atol: float = 0.1, grid=CALIBRATION_GRID,
+                target: float = TARGET, window: int = WINDOW) -> dict:  # fmt: skip
     """Plain vLLM, then the plugin at -inf and at a calibrated threshold, with the checks."""
-    from vllm import LLM
-
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(worker_state)
     report: dict = {}
     t0 = time.perf_counter()
-    llm = LLM(**engine)
-    try:
+    with harness.engine(**engine) as llm:
         report["plain_engine"] = llm.collective_rpc(worker_state)[0]
         plain = generate(llm, prompts, output_len)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
     report["plain_s"] = time.perf_counter() - t0
 
     stats_path.unlink(missing_ok=True)
-    pruning = {"method": "kvzap-mlp", "threshold": float("-inf"), "window": window,
-               "surrogate": surrogate, "stats_path": str(stats_path)}  # fmt: skip
+    pruning = harness.kvzap(surrogate, window, stats_path=stats_path)
     t1 = time.perf_counter()
-    llm = LLM(**engine, additional_config={"kv_pruning": pruning})
-    try:
+    with harness.engine(**engine, additional_config={"kv_pruning": pruning}) as llm:
         report["plugin_engine"] = llm.collective_rpc(worker_state)[0]
         at_inf = generate(llm, prompts, output_len)
         # calibration: one request per grid threshold (per-request values), then the target's
-        calib = generate_each(llm, [prompts[0]] * len(grid), output_len, grid)
-        lines = stats_lines(stats_path, len(prompts) + len(grid))
-        fractions = [lines[r["request_id"]]["pruned_fraction"] for r in calib]
-        (threshold,), notes = interpolate_thresholds(grid, fractions, [target])
+        calib = harness.calibrate_on_grid(llm, prompts[0], output_len, grid, [target], stats_path,
+                                          lines_before=len(prompts))  # fmt: skip
+        fractions, (threshold,), notes = calib["fractions"], calib["thresholds"], calib["notes"]
         pruned = generate_each(llm, prompts, output_len, [threshold] * len(prompts))
-        lines = stats_lines(stats_path, 2 * len(prompts) + len(grid))
+        lines = harness.stats_by_id(stats_path, 2 * len(prompts) + len(grid))
         pruned_fraction = sum(lines[r["request_id"]]["pruned_fraction"] for r in pruned) / len(pruned)
         inf_fraction = max(lines[r["request_id"]]["pruned_fraction"] for r in at_inf)
         # requests are released on the worker with the step after they finish: one more request
         # releases the batch's; only that one may still hold pages when the pools are read
         generate(llm, [prompts[0][:8]], 1)
         pools = llm.collective_rpc(worker_state)[0]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
     report["plugin_s"] = time.perf_counter() - t1
     agree = agreement(plain, at_inf, tie_nats, atol)
     leaks = {k: pools[k] for k in ("free_pages", "held_pages", "capacity", "free_slots",
@@ -217,30 +189,25 @@ def main(argv=None) -> int:
     parser.add_argument("--output-len", type=int, default=96)
     parser.add_argument("--logprob-atol", type=float, default=0.1)
     args = parser.parse_args(argv)
-    require_gpu()
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cuda():
-        sys.exit(f"gpu_smoke: vLLM runs on {current_platform.device_name}, not CUDA (the CPU "
-                 "build is installed?): `bash tools/setup_env.sh` installs vllm==0.32.0 on a GPU")  # fmt: skip
-    from benchmarks import throughput_benchmark as tb
-
-    paths = tb.make_shape(QWEN3_8B_CONFIG, Path(args.model_dir), SURROGATE_HIDDEN)
-    prompts = tb.make_prompts(args.num_requests, args.prompt_len, seed=0)
+    harness.require_gpu("gpu_smoke")
+    harness.require_cuda_vllm("gpu_smoke")
+    paths = harness.make_shape(harness.QWEN3_8B_CONFIG, Path(args.model_dir),
+                               harness.QWEN3_8B_SURROGATE_HIDDEN)  # fmt: skip
+    prompts = harness.make_prompts(args.num_requests, args.prompt_len, seed=0)
     engine = dict(model=str(paths["model"]), dtype="bfloat16", load_format="dummy",
                   skip_tokenizer_init=True, max_model_len=args.prompt_len + args.output_len + 16,
                   seed=0)  # fmt: skip (vLLM's defaults for everything else)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    report = check_smoke(engine, str(paths["mlp"]), prompts, args.output_len,
+    result = check_smoke(engine, str(paths["mlp"]), prompts, args.output_len,
                          out / "gpu_smoke_stats.jsonl", atol=args.logprob_atol)  # fmt: skip
-    report.update(wall_s=time.perf_counter() - t0, command=" ".join(sys.argv))
-    (out / "gpu_smoke.json").write_text(json.dumps(tb.jsonable(report), indent=2) + "\n")
-    for name, ok in report["checks"].items():
+    result.update(wall_s=time.perf_counter() - t0, command=" ".join(sys.argv))
+    report.save_json(out / "gpu_smoke.json", result, indent=2)
+    for name, ok in result["checks"].items():
         print(f"  [{'ok' if ok else 'FAILED'}] {name}")
-    print(verdict_line(report))
-    return 0 if report["passed"] else 1
+    print(verdict_line(result))
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

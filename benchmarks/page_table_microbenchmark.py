@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 
 import torch
 
+from benchmarks.profiling import top_level_ops
 from vllm_kvzap.cache.page_table import PageTable, StepRows, page_cell
 
 # (layers, KV heads, head size, dtype)
@@ -90,13 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             step(n, 1, False, write)
             n += 1
         timings[label] = (time.perf_counter() - t0) / args.steps * 1e3
-    from torch.profiler import profile
-
-    with profile() as prof:
-        step(n, 1, False, write=False)
-    ops = Counter(
-        e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
-    )
+    ops = top_level_ops(lambda: step(n, 1, False, write=False))
     print(
         f"{args.shape}: {L} layers, {H} KV heads x {D}, {B} decoding requests, "
         f"{args.kept:.2f} of the leaving pairs kept, {args.threads} thread(s)"

@@ -44,18 +44,14 @@ among the modes).
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from benchmarks import harness, report
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / ".cache" / "SmolLM2-135M-Instruct"
+DEFAULT_MODEL = report.REPO / ".cache" / "SmolLM2-135M-Instruct"
 METHODS = ("kvzap-mlp", "kvzap-linear", "knorm", "random", "window")
 PREFILL_MODES = ("dense", "chunked")  # the plugin's kv_pruning "prefill" option
 CHUNK_TOKENS = 256  # max_num_batched_tokens of the chunked-prefill engines
@@ -198,40 +194,6 @@ def is_correct(case: Case, text: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def collect_scores(model_dir: Path, surrogates: dict[str, Path], prompts: list[list[int]]):
-    """Per method, every prompt pair's score ``[layers, tokens, KV heads]`` (concatenated)."""
-    from transformers import AutoModelForCausalLM
-
-    from vllm_kvzap.scorers import load_surrogate
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    cfg = model.config
-    inputs, keys, hooks = {}, {}, []
-    for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.self_attn.register_forward_pre_hook(
-            lambda m, a, kw, i=i: inputs.__setitem__(i, kw["hidden_states"][0].float()),
-            with_kwargs=True))  # fmt: skip
-        # k_proj's output is the key before RoPE, which keeps norms: knorm's -||k||
-        hooks.append(layer.self_attn.k_proj.register_forward_hook(
-            lambda m, a, out, i=i: keys.__setitem__(i, out[0].float())))  # fmt: skip
-    loaded = {m: load_surrogate(p) for m, p in surrogates.items()}
-    scores = {m: [] for m in (*loaded, "knorm")}
-    try:
-        with torch.no_grad():
-            for ids in prompts:
-                model(input_ids=torch.tensor([ids]), use_cache=False)
-                n = len(model.model.layers)
-                for m, s in loaded.items():
-                    scores[m].append(torch.stack([s.score(inputs[i], i) for i in range(n)]))
-                scores["knorm"].append(torch.stack([
-                    -keys[i].view(len(ids), cfg.num_key_value_heads, -1).norm(dim=-1)
-                    for i in range(n)]))  # fmt: skip
-    finally:
-        for h in hooks:
-            h.remove()
-    return {m: torch.cat(v, dim=1) for m, v in scores.items()}
-
-
 def kv_tokens(case: Case) -> int:
     """Tokens whose KV a request of ``case`` holds at its end (prompt + answer)."""
     return len(case.prompt) + (CHAT_TOKENS if case.task == "chat" else ANSWER_TOKENS)
@@ -259,9 +221,7 @@ def calibrate(method: str, fraction: float, scores, share: float, cases: list[Ca
             mid = (lo + hi) // 2
             lo, hi = (mid + 1, hi) if kept(mid) < 1 - fraction else (lo, mid)
         return {"window": lo}
-    from benchmarks.accuracy_benchmark import threshold_options
-
-    return threshold_options(method, fraction, scores, share)
+    return harness.threshold_options(method, fraction, scores, share)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,26 +245,18 @@ def engine_options(pruning: dict, prefill: str, chunk_tokens: int) -> tuple[dict
             {"enable_chunked_prefill": True, "max_num_batched_tokens": chunk_tokens})  # fmt: skip
 
 
-def make_llm(args, pruning: dict | None, prefill: str = "dense"):
-    from vllm import LLM
-
-    from benchmarks.accuracy_benchmark import ForcedTokens
+def engine_args(args, pruning: dict | None, prefill: str = "dense") -> dict:
+    from benchmarks.forcing import ForcedTokens
 
     extra = {}
     if pruning:
         pruning, extra = engine_options(pruning, prefill, args.chunk_tokens)
-    return LLM(
+    return dict(
         model=str(args.model), dtype=args.dtype, max_model_len=max(PASSKEY_LENS) + 256,
         kv_cache_memory_bytes=args.kv_cache_mib * 2**20, enforce_eager=True, seed=0,
         logits_processors=[ForcedTokens],
         additional_config={"kv_pruning": pruning} if pruning else {}, **extra,
     )  # fmt: skip
-
-
-def shutdown(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
 
 
 def requests_for(cases: list[Case], value, reference: dict | None) -> list[tuple]:
@@ -329,13 +281,11 @@ def run_levels(llm, cases, levels: list, reference: dict | None, stats_path: Pat
     """Every level's requests in one batch; per level: outputs, accuracy and measured pruning."""
     from vllm import SamplingParams
 
-    from vllm_kvzap.stats import wait_for_stats
-
     stats_path.unlink(missing_ok=True)
     batch = [(lv, r) for lv in range(len(levels)) for r in requests_for(cases, levels[lv], reference)]
     params = [SamplingParams(temperature=0.0, **r[1]) for _, r in batch]
     outs = llm.generate([{"prompt_token_ids": r[0]} for _, r in batch], params, use_tqdm=True)
-    stats = {s["request_id"]: s for s in wait_for_stats(stats_path, len(outs), timeout_s=120)}
+    stats = harness.stats_by_id(stats_path, len(outs))
     missing = [o.request_id for o in outs if o.request_id not in stats]
     if missing:
         raise RuntimeError(f"no statistics line for requests {missing[:8]} in {stats_path}")
@@ -423,11 +373,9 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     base = results["unpruned"]
     colours: dict[str, str] = {}  # a method's colour; its chunked-prefill rows dashed, squares
@@ -448,15 +396,13 @@ def plot(results: dict, path: Path) -> None:
              if "chunked" in results.get("prefill", ()) else "")  # fmt: skip
     fig.suptitle(f"SmolLM2-135M-Instruct through vLLM + vllm-kvzap (window {results['window']}, "
                  f"{results['dtype']}{chunk})", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality")
+    ap.add_argument("--out", type=Path, default=report.REPO / "benchmarks" / "results" / "quality")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
     ap.add_argument("--window", type=int, default=128, help="DMS window (never pruned)")
@@ -503,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     share = judged_share(cases, args.window)
     print(f"{len(cases)} cases ({sum(len(c.prompt) for c in cases)} prompt tokens); calibrating "
           f"on {len(calib)} other contexts ...", flush=True)  # fmt: skip
-    scores = collect_scores(args.model, surrogates, [c.prompt for c in calib])
+    # k_proj's output is the key before RoPE, which keeps norms: knorm's -||k||
+    scores = harness.collect_scores(args.model, surrogates, [c.prompt for c in calib],
+                                    knorm_keys="k_proj")  # fmt: skip
     stats_path = args.out / f"{args.name}_stats.jsonl"
 
     results = {"model": args.model.name, "dtype": args.dtype, "window": args.window,
@@ -520,8 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         if m in surrogates:
             pruning["surrogate"] = str(surrogates[m])
         opts = [calibrate(m, f, scores, share, cases, args.sinks) for f in fractions]
-        llm = make_llm(args, pruning, prefill)
-        try:
+        with harness.engine(**engine_args(args, pruning, prefill)) as llm:
             if reference is None:  # unpruned: the same engine, "none" per request
                 reference = results["unpruned"] = run_levels(llm, cases, ["none"], None,
                                                              stats_path)[0]  # fmt: skip
@@ -530,8 +477,6 @@ def main(argv: list[str] | None = None) -> int:
             # answers from the reference (run in a batch of its own)
             control, *points = run_levels(llm, cases, ["none", *[o["threshold"] for o in opts]],
                                           reference, stats_path)  # fmt: skip
-        finally:
-            shutdown(llm)
         results.setdefault("unpruned_in_batch", {})[name] = control
         print(f"{name:>21} unpruned in its batch: {_brief(control)}")
         results["methods"][name] = [{"method": m, "prefill": prefill, "target": f, **o, **p}
@@ -549,11 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                 opts = calibrate("window", f, scores, share, cases, args.sinks)
                 pruning = {"method": "window", "sinks": args.sinks, "stats_path": str(stats_path),
                            **opts}  # fmt: skip
-                llm = make_llm(args, pruning, prefill)
-                try:
+                with harness.engine(**engine_args(args, pruning, prefill)) as llm:
                     point = run_levels(llm, cases, [None], reference, stats_path)[0]
-                finally:
-                    shutdown(llm)
                 results["methods"][name].append(
                     {"method": "window", "prefill": prefill, "target": f, **opts, **point})
                 print(f"{name:>21} target {f:.2f}: {_brief(point)}  "
@@ -561,10 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     stats_path.unlink(missing_ok=True)
     results["table"] = table(results)
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    results["command"] = "python -m benchmarks.quality_benchmark " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+    results["command"] = report.command("quality_benchmark", argv)
     json_path, png_path = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    report.save_json(json_path, results)
     plot(results, png_path)
     print(f"wrote {json_path} and {png_path} ({results['seconds']:.0f} s)")
     return 0

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import signal
@@ -52,13 +51,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.throughput_benchmark import jsonable
+from benchmarks import harness, report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = report.REPO
 CLI = str(Path(sys.executable).parent / "vllm-kvzap")
 DEFAULT_MODEL = ".cache/SmolLM2-135M-Instruct"
 BLOCK = 128  # vLLM's CPU default block size
-DTYPE, DTYPE_BYTES = "bfloat16", 2
+DTYPE = "bfloat16"
 PRUNED, PAIRS = "vllm:kv_pruning_pruned_pairs_total", "vllm:kv_pruning_kv_pairs_total"
 PREEMPTIONS, FRACTION_GAUGE = "vllm:num_preemptions_total", "vllm:kv_pruning_pruned_fraction"
 CACHE_INFO = ("engine", "block_size", "num_gpu_blocks", "kv_cache_size_tokens",
@@ -82,13 +81,6 @@ def config_flags(name: str) -> tuple[list[str], bool]:
     if m.group(2) == "chunked":  # dense prefill is the plugin's default
         flags += ["--kv-pruning-prefill", "chunked"]
     return flags, False
-
-
-def bytes_per_token(model_dir: Path) -> int:
-    c = json.loads((model_dir / "config.json").read_text())
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    kv_heads = c.get("num_key_value_heads", c["num_attention_heads"])
-    return c["num_hidden_layers"] * kv_heads * head_dim * 2 * DTYPE_BYTES
 
 
 def scrape(text: str) -> dict:
@@ -148,13 +140,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = report.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4.2))
     names = [r["config"] for r in rows]
@@ -178,9 +165,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=120)
 
 
 def free_port() -> int:
@@ -329,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(Path(args.model).resolve())
     args.out.mkdir(parents=True, exist_ok=True)
     args.max_model_len = args.input_len + args.output_len + 256
-    per_token = bytes_per_token(Path(args.model))
-    per_request = math.ceil((args.input_len + args.output_len) / BLOCK) * BLOCK * per_token
+    per_token = harness.kv_bytes_per_token(harness.model_shape(Path(args.model)), DTYPE)
+    per_request = harness.dense_kv_bytes(args.input_len + args.output_len, BLOCK, per_token)
     budget = args.dense_requests * per_request
     ample = per_request * max(args.num_prompts + 1, 16 * args.dense_requests)
     suffix, prefix = ("_quick", "quick_") if args.quick else ("", "")
@@ -354,9 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     print("\n" + text)
     out = args.out / f"serve{suffix}.json"
-    out.write_text(json.dumps(jsonable({
-        "settings": settings, "configs": configs, **prov, "results": rows,
-        "wall_s": time.monotonic() - t0}), indent=1))  # fmt: skip
+    report.save_json(out, {"settings": settings, "configs": configs, **prov, "results": rows,
+                           "wall_s": time.monotonic() - t0})  # fmt: skip
     (args.out / f"serve{suffix}.txt").write_text(text + "\n")
     title = (f"vllm-kvzap serve + vllm bench serve: {args.num_prompts} x ({args.input_len} + "
              f"{args.output_len}) tokens, KV budget {args.dense_requests} dense requests")  # fmt: skip

@@ -10,12 +10,13 @@ This benchmark runs the same KV-bound workload twice in the same total KV memory
 - TP=2: two workers (`distributed_executor_backend="mp"`, one core each), `X / 2` per rank (vLLM's
   `kv_cache_memory_bytes` is per worker), each rank pruning its own KV head.
 
-Workload: the recall task's prompts (`tools/recall_task.py`, as `benchmarks/accuracy_benchmark.py`
-builds them: context of facts in filler, then `<query>`), all added at once, greedy, `ignore_eos`,
-`--output` free tokens each, on the committed recall model (2 layers, 2 KV heads) with its
-`kvzap-mlp` surrogate, window 16, block size 16. The threshold prunes about `--target` of the
-pairs: calibrated offline on the first prompts' scores (`--threshold` overrides). X holds
-`--dense-requests` whole requests unpruned, so that memory, not `max_num_seqs`, limits concurrency.
+Workload: the recall task's prompts (`experiments/recall/recall_task.py`, as
+`benchmarks/forcing.py` builds them for the accuracy benchmark: context of facts in filler, then
+`<query>`), all added at once, greedy, `ignore_eos`, `--output` free tokens each, on the committed
+recall model (2 layers, 2 KV heads) with its `kvzap-mlp` surrogate, window 16, block size 16. The
+threshold prunes about `--target` of the pairs: calibrated offline on the first prompts' scores
+(`--threshold` overrides). X holds `--dense-requests` whole requests unpruned, so that memory, not
+`max_num_seqs`, limits concurrency.
 
 The engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). After two warm-up
 requests, the loop adds every request, calls `llm_engine.step()` and after every step samples the
@@ -50,27 +51,26 @@ concurrency and the imbalance, which do not depend on speed. Prints a side-by-si
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
 import re
-import sys
 import time
 from pathlib import Path
+
+from benchmarks import harness, report
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler in this process
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(rank_pages)
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "models" / "recall-qwen3"
+DEFAULT_MODEL = report.REPO / "models" / "recall-qwen3"
 SEED_BASE = 1_700_000_000  # recall contexts held out from training, calibration and accuracy
 WINDOW, BLOCK_SIZE = 16, 16
 SCORE_BYTES = 4  # the plugin keeps a float32 score per slot and KV head
 
 
 def make_prompts(n: int, pairs: int, filler: int) -> list[list[int]]:
-    from benchmarks.accuracy_benchmark import query_request
+    from benchmarks.forcing import query_request
     from experiments.recall.recall_task import make_example
 
     return [query_request(make_example(SEED_BASE + i, pairs, filler))[0] for i in range(n)]
@@ -78,22 +78,10 @@ def make_prompts(n: int, pairs: int, filler: int) -> list[list[int]]:
 
 def calibrate(model_dir: Path, surrogate_dir: Path, prompts, output: int, target: float):
     """(threshold pruning about `target` of all pairs, offline share pruned per [layer, head])."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tools.make_tiny_model import capture_attention_inputs
-    from vllm_kvzap.scorers import load_surrogate
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    surrogate = load_surrogate(surrogate_dir)
-    scores = []  # [L, T, H] per prompt
-    for p in prompts:
-        inputs = capture_attention_inputs(model, torch.tensor([p]))
-        scores.append(torch.stack([surrogate.score(x, i) for i, x in enumerate(inputs)]))
-    scores = torch.cat(scores, dim=1).double()
+    scores = harness.collect_scores(model_dir, {"mlp": surrogate_dir}, prompts)["mlp"].double()
     total = sum(len(p) for p in prompts) / len(prompts) + output - 1
     judged_share = (total - WINDOW) / total  # the window is never pruned
-    threshold = float(torch.quantile(scores.flatten(), min(0.999, target / judged_share)))
+    threshold = harness.quantile_threshold(scores, target, judged_share)
     return threshold, (scores < threshold).double().mean(1).tolist()
 
 
@@ -156,26 +144,24 @@ def sample(tp: int, ranks: list[dict], keys: set[int], blocks: int) -> tuple[dic
 
 
 def run(args, prompts, tp: int, kv_bytes: int, threshold: float, stats_path: Path) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from vllm_kvzap.stats import wait_for_stats
 
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if tp == 2 else "0-1"
     stats_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    llm = LLM(
+    with harness.engine(
         model=str(args.model), dtype="float32", seed=0, block_size=BLOCK_SIZE,
         max_model_len=max(map(len, prompts)) + args.output + BLOCK_SIZE,
         max_num_seqs=len(prompts), max_num_batched_tokens=4096, enable_prefix_caching=False,
         kv_cache_memory_bytes=kv_bytes // tp, tensor_parallel_size=tp,
         distributed_executor_backend="mp" if tp > 1 else "uni",
-        additional_config={"kv_pruning": {
-            "method": "kvzap-mlp", "threshold": threshold, "window": WINDOW,
-            "surrogate": str(args.surrogate), "stats_path": str(stats_path)}},
-    )  # fmt: skip
-    print(f"TP={tp}: engine up in {time.perf_counter() - t0:.0f} s", flush=True)
-    engine = llm.llm_engine
-    try:
+        additional_config={"kv_pruning": harness.kvzap(args.surrogate, WINDOW, threshold,
+                                                        stats_path)},
+    ) as llm:  # fmt: skip
+        print(f"TP={tp}: engine up in {time.perf_counter() - t0:.0f} s", flush=True)
+        engine = llm.llm_engine
         scheduler = engine.engine_core.engine_core.scheduler
         pool = scheduler.kv_cache_manager.block_pool
         (manager,) = scheduler.kv_cache_manager.coordinator.single_type_managers  # KVzap's
@@ -211,10 +197,6 @@ def run(args, prompts, tp: int, kv_bytes: int, threshold: float, stats_path: Pat
             engine.step()
         stats = wait_for_stats(stats_path, len(prompts) + 2)
         stats = [x for x in stats if x["request_id"].startswith("tp-")]
-    finally:
-        engine.engine_core.shutdown()
-        del llm
-        gc.collect()
     stats_path.unlink(missing_ok=True)
     result = summarize(tp, samples, wall, step_s, tokens, num_blocks, stats)
     result["pages_per_layer_head"] = heads  # summed over samples and live requests
@@ -277,11 +259,9 @@ def table(runs: list[dict]) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
+    if plt is None:
+        return
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     for r in runs:
         label = f"TP={r['tp']} (mean {r['mean_running_waiting']:.1f} while others wait)"
@@ -297,13 +277,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax2.legend()
     ax1.set_title("same total KV memory: TP=1 vs TP=2 (scheduler follows the max over ranks)",
                   fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def shown(path: Path) -> str:
-    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+    report.save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=None, help="skip calibration")
     ap.add_argument("--dense-requests", type=int, default=8,
                     help="total KV memory X in whole unpruned requests")  # fmt: skip
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=report.REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
     args.surrogate = args.surrogate or args.model / "kvzap-mlp"
     t_start = time.perf_counter()
@@ -329,9 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threshold is None:
         args.threshold, head_pruned = calibrate(args.model, args.surrogate, prompts[:8],
                                                 args.output, args.target)  # fmt: skip
-    config = json.loads((args.model / "config.json").read_text())
-    L, H = config["num_hidden_layers"], config["num_key_value_heads"]
-    D = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    shape = harness.model_shape(args.model)
+    L, H, D = shape["layers"], shape["kv_heads"], shape["head_dim"]
     block_bytes = L * H * BLOCK_SIZE * (2 * D * 4 + SCORE_BYTES)  # float32 K, V + the score
     dense_blocks = -(-(max(lengths) + args.output) // BLOCK_SIZE)
     kv_bytes = args.dense_requests * dense_blocks * block_bytes
@@ -361,9 +334,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(all steps): {r['page_share_per_layer_head']}")  # fmt: skip
 
     result = dict(
-        command=" ".join(["python -m benchmarks.tensor_parallel_benchmark",
-                          *(sys.argv[1:] if argv is None else argv)]),
-        model=shown(args.model), surrogate=shown(args.surrogate), requests=args.requests,
+        command=report.command("tensor_parallel_benchmark", argv),
+        model=report.shown(args.model), surrogate=report.shown(args.surrogate), requests=args.requests,
         prompt_tokens=[min(lengths), max(lengths)], output_tokens=args.output, window=WINDOW,
         block_size=BLOCK_SIZE, threshold=args.threshold, target=args.target,
         offline_pruned_per_layer_head=head_pruned, kv_bytes_total=kv_bytes, table=text,

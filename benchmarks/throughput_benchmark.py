@@ -35,13 +35,14 @@ statistics lines). Running requests and preemptions come from vLLM's scheduler s
 Then a profiling pass per profiled config (`--profile-configs`; default plain vLLM and the plugin
 at the highest target, since every pass is one more engine start-up and compile): a shorter
 version of the workload on an in-process engine (in a child process, as for calibration) with
-perf_counter timers around the functions named in `PROFILE_CATEGORIES` (exclusive time: a timed
-function nested in another is charged to its own category only). Functions that do not exist
-(the code moves) are skipped with a printed note. `PROFILE_TOTALS` gives the step total
-(`EngineCore.step`), so "rest" = step - scoring handoff - bookkeeping - attention, for the plugin
-and for plain vLLM alike. The surrogate itself runs inside the compiled model graph, so its time
-is part of "rest" (the model's forward) and is not separable by wrapping: the scoring category
-("handoff") times only the hand-off of the scores (`save_scores`, `layer_scores`).
+perf_counter timers around the functions named in `benchmarks/profiling.py`'s
+`PROFILE_CATEGORIES` (exclusive time: a timed function nested in another is charged to its own
+category only). Functions that do not exist (the code moves) are skipped with a printed note.
+`PROFILE_TOTALS` gives the step total (`EngineCore.step`), so "rest" = step - scoring handoff -
+bookkeeping - attention, for the plugin and for plain vLLM alike. The surrogate itself runs
+inside the compiled model graph, so its time is part of "rest" (the model's forward) and is not
+separable by wrapping: the scoring category ("handoff") times only the hand-off of the scores
+(`save_scores`, `layer_scores`).
 
     python -m benchmarks.throughput_benchmark [--quick] [--model smollm2-shape|tiny]
         [--out benchmarks/results] [--workloads a,b,c] [--targets inf,0.5,0.72]
@@ -62,91 +63,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
-import importlib
-import inspect
 import json
 import math
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections import defaultdict
 from pathlib import Path
 
-# ---------------------------------------------------------------------------------------------
-# Profiling: what to time, by category ("module:qualname"). Exclusive time: when a timed function
-# runs inside another timed function, its time is charged to its own category and taken out of
-# the outer one (so e.g. the attention kernel called from a bookkeeping function counts as
-# attention). Entries listed under "rest" are timed only to carve vLLM's own work out of a plugin
-# function that wraps it. Missing modules/functions are skipped with a note.
-PROFILE_CATEGORIES: dict[str, list[str]] = {
-    # The surrogate itself runs inside the compiled model graph (`PruningRuntime.graph_scores`
-    # is called only while vLLM traces the model; wrapping it would put a timer into the traced
-    # code), so its time is part of the model's forward ("rest" / model exec) and cannot be
-    # timed by wrapping. What is timed here is the hand-off: the custom op's impl that stores a
-    # layer's scores and the backend taking them (+ mask mode's keep flags).
-    "scoring": [
-        "vllm_kvzap.attention.runtime:PruningRuntime.save_scores",
-        "vllm_kvzap.attention.runtime:PruningRuntime.layer_scores",
-        "vllm_kvzap.attention.runtime:PruningRuntime.keep_flags",  # mask mode
-    ],
-    "bookkeeping": [
-        # paged mode's page table (DESIGN.md section 8): the step's plan, the layer's writes and
-        # moves, releases and reports
-        "vllm_kvzap.cache.page_table:PageTable.plan",
-        "vllm_kvzap.cache.page_table:PageTable._plan",
-        "vllm_kvzap.cache.page_table:PageTable.write_layer",
-        "vllm_kvzap.cache.page_table:PageTable.release_keys",
-        "vllm_kvzap.cache.page_table:PageTable.reports",
-        "vllm_kvzap.cache.page_table:PageTable.finished_counts",
-        # the KV connector's worker side (releases finished requests, per-step reports)
-        "vllm_kvzap.connector:KVzapPruningConnector.bind_connector_metadata",
-        "vllm_kvzap.connector:KVzapPruningConnector.build_connector_worker_meta",
-        # scheduler-side accounting
-        "vllm_kvzap.cache.manager:KVzapBlockManager.get_num_blocks_to_allocate",
-        "vllm_kvzap.cache.manager:KVzapBlockManager.allocate_new_blocks",
-        "vllm_kvzap.cache.manager:KVzapBlockManager.apply_report",
-        "vllm_kvzap.cache.manager:KVzapBlockManager.free",
-        # the plugin's metadata builder (vLLM's own build, which it calls, is carved out below)
-        "vllm_kvzap.attention.cpu_backend:KVzapCPUAttentionMetadataBuilder.build",
-        "vllm_kvzap.attention.cuda_backend:KVzapTritonAttentionMetadataBuilder.build",
-    ],
-    "attention": [
-        # rows + vLLM's CPU kernel (`vllm_kvzap.attention.rows`), wrapped where the backend
-        # looks it up (its `from ... import attend_layer` copy)
-        "vllm_kvzap.attention.cpu_backend:attend_layer",
-        "vllm_kvzap.kernels.paged_attention:paged_attention_masked_torch",  # mask mode
-        # vLLM's CPU attention: plain vLLM's backend, and the kernel ops wherever called from
-        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
-        "vllm._custom_ops:cpu_attention_with_kv_cache",
-        "vllm._custom_ops:cpu_attn_get_scheduler_metadata",
-        # the CUDA path (host-side times only: kernels run asynchronously on a GPU)
-        "vllm_kvzap.attention.cuda_backend:attend_layer_triton",
-        "vllm.v1.attention.backends.triton_attn:TritonAttentionImpl.forward",
-    ],
-    "rest": [
-        "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder.build",
-        "vllm.v1.attention.backends.triton_attn:TritonAttentionMetadataBuilder.build",
-    ],
-}
-SPLIT_CATEGORIES = ("scoring", "bookkeeping", "attention")
-# Totals (inclusive time, outermost call only): the engine step, and the model runner inside it.
-PROFILE_TOTALS: dict[str, list[str]] = {
-    "step": [
-        "vllm.v1.engine.core:EngineCore.step",
-        "vllm.v1.engine.core:EngineCore.step_with_batch_queue",
-    ],
-    "model_execute": [
-        "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
-        "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
-    ],
-}
-SCHEDULE_TARGET = "vllm.v1.core.sched.scheduler:Scheduler.schedule"  # to tell decode-only steps
+from benchmarks import harness, report
+from benchmarks.profiling import PROFILE_CATEGORIES, PROFILE_TOTALS, run_profile
 
 # ---------------------------------------------------------------------------------------------
 # Workloads. kv_requests: the KV budget in full-length requests (max prompt + max output tokens
@@ -185,27 +113,6 @@ QUICK_WORKLOADS: dict[str, dict] = {
 }  # fmt: skip
 TARGET_FRACTIONS = (None, 0.5, 0.72)  # None: threshold -inf (nothing pruned)
 QUICK_TARGET_FRACTIONS = (0.5,)
-SLACK_TOKENS = 128  # one block of vLLM's CPU default block size
-DECODE_MIN_STEPS = 4
-
-
-# ---------------------------------------------------------------------------------------------
-# Workload inputs
-
-
-def make_prompts(num: int, length: int, seed: int) -> list[list[int]]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 900, (length,), generator=g).tolist() for _ in range(num)]
-
-
-def make_output_lens(num: int, bounds: tuple[int, int], seed: int) -> list[int]:
-    import torch
-
-    lo, hi = bounds
-    g = torch.Generator().manual_seed(seed + 1)
-    return torch.randint(lo, hi + 1, (num,), generator=g).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,14 +120,6 @@ def make_output_lens(num: int, bounds: tuple[int, int], seed: int) -> list[int]:
 # random `load_format="dummy"` weights in bf16 and a random KVzap MLP surrogate in the published
 # format (hidden D/8 = 72, like NVIDIA's); no tokenizer (the prompts are token ids). tiny: the
 # test suite's model (`tools.make_tiny_model`, real float32 weights, its own MLP surrogate).
-SMOLLM2_SHAPE_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
-    "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
-    "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-    "torch_dtype": "bfloat16",
-}  # fmt: skip
 MODELS: dict[str, dict] = {
     "smollm2-shape": dict(model_dir=".cache/bench/smollm2-shape", dtype="bfloat16",
                           load_format="dummy"),
@@ -228,58 +127,13 @@ MODELS: dict[str, dict] = {
 }  # fmt: skip
 
 
-def make_smollm2_shape(out_dir: Path, seed: int = 0) -> dict[str, Path]:
-    return make_shape(SMOLLM2_SHAPE_CONFIG, out_dir, SMOLLM2_SHAPE_CONFIG["hidden_size"] // 8, seed)
-
-
-def make_shape(model_config: dict, out_dir: Path, hidden: int, seed: int = 0) -> dict[str, Path]:
-    """Write (or rewrite, deterministically) a model's config.json (for vLLM's dummy weights) and
-    a random KVzap MLP surrogate for it in the published format (D -> hidden -> H_kv per layer)."""
-    import torch
-
-    from vllm_kvzap.scorers import SurrogateConfig, save_checkpoint
-
-    out = Path(out_dir).expanduser().resolve()
-    paths = {"model": out / "model", "mlp": out / "mlp"}
-    paths["model"].mkdir(parents=True, exist_ok=True)
-    (paths["model"] / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
-    D = model_config["hidden_size"]
-    H = model_config["num_key_value_heads"]
-    L = model_config["num_hidden_layers"]
-    # vLLM's dummy weights are U(-1e-3, 1e-3), RMSNorm's included, so the hidden states the
-    # surrogate reads have an RMS of ~1e-3 / sqrt(3): scale the first layer by its inverse so the
-    # pre-activations, and the scores' spread around the bias, are O(1) (with unscaled weights
-    # the scores sit within ~1e-4 of the bias, a few hundred float32 steps: ties everywhere).
-    input_rms = 1e-3 / 3**0.5
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for i in range(L):
-        state[f"layers.{i}.0.weight"] = torch.randn(hidden, D, generator=g) / (D**0.5 * input_rms)
-        state[f"layers.{i}.0.bias"] = torch.zeros(hidden)
-        state[f"layers.{i}.2.weight"] = torch.randn(H, hidden, generator=g) / hidden**0.5
-        state[f"layers.{i}.2.bias"] = torch.full((H,), -4.0)
-    config = SurrogateConfig(input_dim=D, output_dim=H, n_modules=L, hidden_dim=hidden)
-    save_checkpoint(paths["mlp"], config, state)
-    return paths
-
-
 def make_model(name: str, model_dir: Path) -> dict[str, Path]:
     if name == "tiny":
         from tools.make_tiny_model import make_tiny_model
 
         return make_tiny_model(model_dir)
-    return make_smollm2_shape(model_dir)
-
-
-def model_shape(model_dir: Path) -> dict:
-    config = json.loads((model_dir / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return dict(
-        layers=config["num_hidden_layers"],
-        kv_heads=config["num_key_value_heads"],
-        head_dim=head_dim,
-        max_position_embeddings=config.get("max_position_embeddings"),
-    )
+    config = harness.SMOLLM2_SHAPE_CONFIG
+    return harness.make_shape(config, model_dir, config["hidden_size"] // 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,19 +147,16 @@ def thresholds_from_scores(judged, total_pairs: int, fractions, window: int):
     """Thresholds whose pruned fraction, as the plugin counts it, is about each target: `judged`
     holds the scores of the pairs older than the window at the end of their request, and a
     fraction is pruned pairs / (H_kv x tokens whose KV was computed) = pruned / total_pairs."""
-    import torch
-
     notes, thresholds = [], []
     for f in fractions:
         if f is None:
             thresholds.append(float("-inf"))
             continue
-        q = f * total_pairs / max(judged.numel(), 1)
-        if q >= 1:
+        share = judged.numel() / total_pairs
+        if f >= share:
             notes.append(f"target {f} is out of reach with window {window} (at most "
-                         f"{judged.numel() / total_pairs:.3f} judged): using the 0.999 quantile")
-            q = 0.999  # fmt: skip
-        thresholds.append(float(torch.quantile(judged.double(), q)))
+                         f"{share:.3f} judged): using the 0.999 quantile")  # fmt: skip
+        thresholds.append(harness.quantile_threshold(judged.double(), f, share))
     return thresholds, notes
 
 
@@ -329,13 +180,11 @@ def calibrate_child(job_path: str) -> None:
 
     PruningRuntime.save_scores = collecting
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(**job["engine"], distributed_executor_backend="uni")
-    startup = time.perf_counter() - t0
-    out = dict(startup_s=startup, workloads={})
-    try:
+    with harness.engine(**job["engine"], distributed_executor_backend="uni") as llm:
+        out = dict(startup_s=time.perf_counter() - t0, workloads={})
         for key, w in job["workloads"].items():
             judged, total_pairs, generated = [], 0, 0
             for prompt, n in zip(w["prompts"], w["output_lens"]):
@@ -366,10 +215,8 @@ def calibrate_child(job_path: str) -> None:
                 output_tokens=generated, judged_pairs=judged.numel(), total_pairs=total_pairs,
                 score_mean=float(judged.mean()), score_std=float(judged.std()),
             )  # fmt: skip
-    finally:
-        llm.llm_engine.engine_core.shutdown()
     out["wall_s"] = time.perf_counter() - t0
-    Path(job["result_path"]).write_text(json.dumps(jsonable(out), indent=2))
+    Path(job["result_path"]).write_text(json.dumps(report.jsonable(out), indent=2))
 
 
 def calibrate(paths, workloads: dict, shape: dict, args, tmp: Path) -> dict:
@@ -380,11 +227,11 @@ def calibrate(paths, workloads: dict, shape: dict, args, tmp: Path) -> dict:
     longest = max(workloads.values(), key=lambda w: w["max_model_len"])
     max_len = longest["max_model_len"]
     bytes_per_token = longest["bytes_per_token"]
-    engine_wl = dict(max_model_len=max_len, kv_bytes=(2 * max_len + SLACK_TOKENS) * bytes_per_token)
-    pruning = {"method": "kvzap-mlp", "threshold": float("-inf"), "window": longest["window"],
-               "surrogate": str(paths["mlp"])}  # fmt: skip
+    engine_wl = dict(max_model_len=max_len,
+                     kv_bytes=(2 * max_len + harness.SLACK_TOKENS) * bytes_per_token)  # fmt: skip
+    pruning = harness.kvzap(paths["mlp"], longest["window"])
     job = dict(
-        engine=engine_kwargs(paths, engine_wl, pruning, args),
+        engine=harness.engine_kwargs(paths, engine_wl, pruning, args),
         num_layers=shape["layers"],
         workloads={
             key: dict(
@@ -403,13 +250,10 @@ def calibrate(paths, workloads: dict, shape: dict, args, tmp: Path) -> dict:
     per = ", ".join(f"{k}: {w['calib_requests']}" for k, w in workloads.items())
     print(f"\n=== calibration: {n} requests ({per}) one at a time, in-process engine, plugin at "
           f"threshold -inf, scores collected from PruningRuntime.save_scores", flush=True)
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    cmd = [sys.executable, "-m", "benchmarks.throughput_benchmark", "--calibrate-job",
-           str(job_path)]
-    proc = subprocess.run(cmd, env=env, cwd=Path.cwd())
-    if proc.returncode != 0 or not Path(job["result_path"]).exists():
-        raise RuntimeError(f"calibration child exited with status {proc.returncode}")
-    out = json.loads(Path(job["result_path"]).read_text())
+    status, out = harness.run_child(["benchmarks.throughput_benchmark", "--calibrate-job",
+                                     str(job_path)], job["result_path"])  # fmt: skip
+    if out is None:
+        raise RuntimeError(f"calibration child exited with status {status}")
     print(f"    done in {out['wall_s']:.1f} s (startup {out['startup_s']:.1f} s)", flush=True)
     for key, c in out["workloads"].items():
         c["thresholds"] = [float(t) for t in c["thresholds"]]  # "-inf" strings back to floats
@@ -423,433 +267,6 @@ def calibrate(paths, workloads: dict, shape: dict, args, tmp: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# One engine, one workload
-
-
-def engine_kwargs(paths, wl: dict, pruning: dict | None, args) -> dict:
-    kwargs = dict(
-        model=str(paths["model"]),
-        dtype=args.dtype,
-        load_format=args.load_format,
-        skip_tokenizer_init=True,  # prompts are token ids; smollm2-shape has no tokenizer
-        max_model_len=wl["max_model_len"],
-        kv_cache_memory_bytes=wl["kv_bytes"],
-        disable_log_stats=False,  # scheduler stats: running / waiting requests, preemptions
-        seed=0,
-    )
-    if pruning is not None:
-        kwargs["additional_config"] = {"kv_pruning": pruning}
-        if args.plugin_block_size:
-            kwargs["block_size"] = args.plugin_block_size
-    return kwargs
-
-
-def drive(llm, prompts, output_lens, on_step=None, extra_args=None, id_prefix="") -> dict:
-    """Submit every request, step until all finish; per-step output timing on this side.
-    `extra_args` go to every request's `SamplingParams` (e.g. a per-request threshold); request
-    ids are `id_prefix` + index (distinct prefixes when one engine runs several batches)."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    engine = llm.llm_engine
-    ids = [f"{id_prefix}{i}" for i in range(len(prompts))]
-    tokens: dict[str, list[int]] = {r: [] for r in ids}
-    first_token_step: dict[str, int] = {}
-    finished: set[str] = set()
-    step_times: list[float] = []  # perf_counter after each step that returned outputs
-    all_started_at = first_finish_at = None  # indices into step_times
-    start = time.perf_counter()
-    for i, (prompt, n) in enumerate(zip(prompts, output_lens)):
-        params = SamplingParams(
-            max_tokens=n, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA,
-            extra_args=extra_args,
-        )
-        engine.add_request(ids[i], {"prompt_token_ids": prompt}, params)
-    num_steps = 0
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        num_steps += 1
-        if on_step is not None:
-            on_step(outs)
-        if not outs:
-            continue
-        step_times.append(time.perf_counter())
-        for out in outs:
-            tokens[out.request_id].extend(out.outputs[0].token_ids)
-            if tokens[out.request_id]:
-                first_token_step.setdefault(out.request_id, len(step_times) - 1)
-            if out.finished:
-                finished.add(out.request_id)
-        if all_started_at is None and len(first_token_step) == len(prompts):
-            all_started_at = len(step_times) - 1
-        if first_finish_at is None and finished:
-            first_finish_at = len(step_times) - 1
-    elapsed = time.perf_counter() - start
-    output_tokens = sum(len(t) for t in tokens.values())
-    result = dict(
-        elapsed_s=elapsed,
-        output_tokens=output_tokens,
-        output_tokens_per_s=output_tokens / elapsed,
-        engine_steps_seen=num_steps,
-    )
-    # decode phase: from the step where the last prompt got its first token to the first finish
-    # (every request running and decoding, one token per request per step)
-    if all_started_at is not None and first_finish_at is not None:
-        n = first_finish_at - all_started_at
-        if n >= DECODE_MIN_STEPS:
-            dt = step_times[first_finish_at] - step_times[all_started_at]
-            gaps = sorted(b - a for a, b in zip(step_times[all_started_at:first_finish_at],
-                                                step_times[all_started_at + 1:first_finish_at + 1]))
-            result.update(
-                decode_steps=n,
-                decode_ms_per_step=1000 * dt / n,
-                decode_median_ms_per_step=1000 * gaps[len(gaps) // 2],
-                decode_tokens_per_s=len(prompts) * n / dt,
-            )
-    return result, [tokens[r] for r in ids]
-
-
-def watch_scheduler(llm) -> dict:
-    """Wrap the engine's stat-logger manager to read each step's scheduler stats."""
-    seen = dict(running=[], waiting=[], kv_usage=[], preempted=0)
-    manager = llm.llm_engine.logger_manager
-    if manager is None:
-        raise RuntimeError("no stat-logger manager (disable_log_stats must be False)")
-    record = manager.record
-
-    def wrapped(scheduler_stats=None, iteration_stats=None, *a, **k):
-        if scheduler_stats is not None:
-            seen["running"].append(scheduler_stats.num_running_reqs)
-            seen["waiting"].append(
-                scheduler_stats.num_waiting_reqs
-                + getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
-            )
-            seen["kv_usage"].append(scheduler_stats.kv_cache_usage)
-        if iteration_stats is not None:
-            seen["preempted"] += iteration_stats.num_preempted_reqs
-        return record(scheduler_stats, iteration_stats, *a, **k)
-
-    manager.record = wrapped
-    return seen
-
-
-def metric_value(llm, name: str) -> float | None:
-    for m in llm.get_metrics():
-        if m.name == name:
-            return float(getattr(m, "value", 0) or 0)
-    return None
-
-
-def run_config(paths, wl, label, pruning, stats_path, args) -> tuple[dict, list[list[int]]]:
-    from vllm import LLM
-
-    if pruning is not None:
-        stats_path.unlink(missing_ok=True)
-        pruning = {**pruning, "stats_path": str(stats_path)}
-    t0 = time.perf_counter()
-    llm = LLM(**engine_kwargs(paths, wl, pruning, args))
-    startup = time.perf_counter() - t0
-    try:
-        engine_config = describe_engine(llm)
-        block_size = engine_config["block_size"]
-        seen = watch_scheduler(llm)
-        result, outputs = drive(llm, wl["prompts"], wl["output_lens"])
-        counter = metric_value(llm, "vllm:num_preemptions")
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-    running, waiting = seen["running"], seen["waiting"]
-    bound = [r for r, w in zip(running, waiting) if w > 0]
-    result = dict(
-        config=label,
-        threshold=None if pruning is None else pruning["threshold"],
-        block_size=block_size,
-        engine_config=engine_config,
-        startup_s=startup,
-        **result,
-        scheduler_steps=len(running),
-        peak_running=max(running, default=0),
-        mean_running=sum(running) / max(len(running), 1),
-        mean_running_while_waiting=sum(bound) / len(bound) if bound else None,
-        steps_with_waiting=len(bound),
-        peak_kv_usage=max(seen["kv_usage"], default=0.0),
-        preemptions=int(counter) if counter is not None else seen["preempted"],
-    )
-    dense = [dense_kv_bytes(len(p) + n - 1, block_size, wl["bytes_per_token"])
-             for p, n in zip(wl["prompts"], wl["output_lens"])]  # fmt: skip
-    if pruning is None:
-        result.update(
-            resident_kv_kib_end=sum(dense) / len(dense) / 1024,
-            resident_kv_kib_peak=sum(dense) / len(dense) / 1024,
-            dense_kv_kib=sum(dense) / len(dense) / 1024,
-        )
-    else:
-        from vllm_kvzap.stats import wait_for_stats
-
-        stats = wait_for_stats(stats_path, len(wl["prompts"]))
-        n = max(len(stats), 1)
-        result.update(stats_lines=len(stats))
-        if stats:
-            result.update(pruned_fraction=sum(s["pruned_fraction"] for s in stats) / n)
-            for key in ("resident_kv_bytes_end", "resident_kv_bytes_peak", "dense_kv_bytes"):
-                if all(key in s for s in stats):
-                    kib_key = key.replace("_bytes", "_kib")
-                    result[kib_key] = sum(s[key] for s in stats) / n / 1024
-    return result, outputs
-
-
-def dense_kv_bytes(num_kv_tokens: int, block_size: int, bytes_per_token: int) -> int:
-    return -(-num_kv_tokens // block_size) * block_size * bytes_per_token
-
-
-# ---------------------------------------------------------------------------------------------
-# Profiling pass (child process, in-process engine)
-
-
-class Timers:
-    """perf_counter timers around named functions: exclusive time per target, inclusive per
-    totals group (outermost call only)."""
-
-    def __init__(self):
-        self.local = threading.local()
-        self.exclusive: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self.group_inclusive: dict[str, float] = defaultdict(float)
-
-    def _state(self):
-        if not hasattr(self.local, "stack"):
-            self.local.stack, self.local.depth = [], defaultdict(int)
-        return self.local.stack, self.local.depth
-
-    def wrap(self, target: str, fn, group: str | None = None):
-        timers = self
-
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            stack, depth = timers._state()
-            stack.append(0.0)
-            if group:
-                depth[group] += 1
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                dt = time.perf_counter() - t0
-                child = stack.pop()
-                timers.exclusive[target] += dt - child
-                timers.calls[target] += 1
-                if stack:
-                    stack[-1] += dt
-                if group:
-                    depth[group] -= 1
-                    if depth[group] == 0:
-                        timers.group_inclusive[group] += dt
-
-        timed.__benchmark_timed__ = True
-        return timed
-
-
-def _resolve(target: str):
-    module_name, _, qualname = target.partition(":")
-    module = importlib.import_module(module_name)
-    owner, parts = module, qualname.split(".")
-    for part in parts[:-1]:
-        owner = getattr(owner, part)
-    return module, owner, parts[-1]
-
-
-def patch_target(target: str, make_wrapper) -> str | None:
-    """Replace the function named `target` by make_wrapper(fn); returns a note if skipped."""
-    try:
-        module, owner, name = _resolve(target)
-    except Exception as e:  # noqa: BLE001 - any import failure means "not there (now)"
-        return f"{target}: not importable ({type(e).__name__}: {e})"
-    try:
-        raw = inspect.getattr_static(owner, name)
-    except AttributeError:
-        return f"{target}: no such function"
-    if isinstance(raw, staticmethod):
-        new = staticmethod(make_wrapper(raw.__func__))
-    elif isinstance(raw, classmethod):
-        new = classmethod(make_wrapper(raw.__func__))
-    elif callable(raw):
-        if getattr(raw, "__benchmark_timed__", False):
-            return f"{target}: already timed (listed twice?)"
-        new = make_wrapper(raw)
-    else:
-        return f"{target}: not a function ({type(raw).__name__})"
-    setattr(owner, name, new)
-    if owner is module:  # also rebind `from module import fn` copies in loaded modules
-        for mod_name, mod in list(sys.modules.items()):
-            if mod is None or mod is module or not mod_name.startswith(("vllm", "benchmarks")):
-                continue
-            for attr, value in list(getattr(mod, "__dict__", {}).items()):
-                if value is raw:
-                    setattr(mod, attr, new)
-    return None
-
-
-def install_profiling(timers: Timers) -> tuple[list[str], list[str]]:
-    notes, timed = [], []
-    for category, targets in PROFILE_CATEGORIES.items():
-        for target in targets:
-            note = patch_target(target, lambda fn, t=target: timers.wrap(t, fn))
-            (notes.append(note) if note else timed.append(target))
-    for group, targets in PROFILE_TOTALS.items():
-        for target in targets:
-            note = patch_target(target, lambda fn, t=target, g=group: timers.wrap(t, fn, g))
-            (notes.append(note) if note else timed.append(target))
-    return notes, timed
-
-
-def profile_child(job_path: str) -> None:
-    """Runs in a child process with VLLM_ENABLE_V1_MULTIPROCESSING=0; the parent prints its
-    notes (functions not found), once per run."""
-    job = json.loads(Path(job_path).read_text())
-    timers = Timers()
-    notes, timed = install_profiling(timers)
-    last_schedule: dict = {}
-
-    def capture(fn):
-        @functools.wraps(fn)
-        def schedule(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            counts = list(getattr(out, "num_scheduled_tokens", {}).values())
-            last_schedule["decode_only"] = bool(counts) and all(c == 1 for c in counts)
-            last_schedule["num_tokens"] = sum(counts)
-            return out
-
-        schedule.__benchmark_timed__ = True
-        return schedule
-
-    note = patch_target(SCHEDULE_TARGET, capture)
-    if note:
-        notes.append(f"{note} (decode-only steps cannot be told apart)")
-
-    from vllm import LLM
-
-    category_of = {t: c for c, ts in PROFILE_CATEGORIES.items() for t in ts}
-
-    def snapshot() -> dict[str, float]:
-        snap = {c: 0.0 for c in (*SPLIT_CATEGORIES, "rest_timed")}
-        for target, seconds in list(timers.exclusive.items()):
-            cat = category_of.get(target)
-            if cat in SPLIT_CATEGORIES:
-                snap[cat] += seconds
-            elif cat == "rest":
-                snap["rest_timed"] += seconds
-        for group in PROFILE_TOTALS:
-            snap[group] = timers.group_inclusive.get(group, 0.0)
-        return snap
-
-    per_step: list[dict] = []  # one entry per engine step that ran something
-    state = {"before": None, "t": None}
-
-    t0 = time.perf_counter()
-    llm = LLM(**job["engine"], distributed_executor_backend="uni")
-    startup = time.perf_counter() - t0
-    try:
-        engine_config = describe_engine(llm)
-        state["before"], state["t"] = snapshot(), time.perf_counter()
-
-        def on_step(outs):
-            now, after = time.perf_counter(), snapshot()
-            delta = {k: after[k] - state["before"].get(k, 0.0) for k in after}
-            delta["client_step"] = now - state["t"]
-            state["before"], state["t"] = after, now
-            last = dict(last_schedule)
-            last_schedule.clear()
-            if not last.get("num_tokens") and not delta.get("step"):
-                return  # nothing ran
-            delta["decode_only"] = bool(last.get("decode_only"))
-            per_step.append(delta)
-
-        result, _ = drive(llm, job["prompts"], job["output_lens"], on_step=on_step)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    out = dict(result, startup_s=startup, engine_config=engine_config, notes=notes, timed=timed,
-               steps={"all": len(per_step), "decode": sum(d["decode_only"] for d in per_step)},
-               phases={})  # fmt: skip
-    for phase in ("all", "decode"):
-        rows = [d for d in per_step if phase == "all" or d["decode_only"]]
-        if not rows:
-            continue
-        n = len(rows)
-        source = "step" if any(d.get("step") for d in rows) else "client_step"
-        totals = [d[source] for d in rows]
-        total = sum(totals)
-        split = {c: sum(d.get(c, 0.0) for d in rows) for c in SPLIT_CATEGORIES}
-        split["rest"] = total - sum(split.values())
-        ordered = sorted(totals)
-        out["phases"][phase] = dict(
-            steps=n,
-            step_total_s=total,
-            step_total_source="EngineCore.step" if source == "step" else "LLMEngine.step",
-            ms_per_step=1000 * total / n,
-            median_ms_per_step=1000 * ordered[n // 2],
-            p90_ms_per_step=1000 * ordered[min(n - 1, int(0.9 * n))],
-            model_execute_ms_per_step=1000 * sum(d.get("model_execute", 0.0) for d in rows) / n,
-            split_ms_per_step={c: 1000 * v / n for c, v in split.items()},
-            split_share={c: v / total if total else 0.0 for c, v in split.items()},
-        )
-    # the step times in order (ms), to see warm-up or noise
-    out["step_ms"] = [round(1000 * d.get("step", d["client_step"]), 3) for d in per_step]
-    Path(job["result_path"]).write_text(json.dumps(out, indent=2))
-
-
-def describe_engine(llm) -> dict:
-    """The engine settings that matter here, as vLLM resolved them (defaults included)."""
-    c = llm.llm_engine.vllm_config
-    return dict(
-        block_size=c.cache_config.block_size,
-        enforce_eager=c.model_config.enforce_eager,
-        compilation_mode=getattr(c.compilation_config.mode, "name", str(c.compilation_config.mode)),
-        async_scheduling=c.scheduler_config.async_scheduling,
-        enable_prefix_caching=c.cache_config.enable_prefix_caching,
-        max_num_seqs=c.scheduler_config.max_num_seqs,
-        max_num_batched_tokens=c.scheduler_config.max_num_batched_tokens,
-        enable_chunked_prefill=getattr(c.scheduler_config, "enable_chunked_prefill", None),
-        dtype=str(c.model_config.dtype),
-    )
-
-
-_printed_notes: set[str] = set()
-
-
-def run_profile(paths, wl, label, pruning, args, tmp: Path) -> dict:
-    n = wl["profile"].get("num_requests", wl["num_requests"])
-    index = len(list(tmp.glob("job_*.json")))
-    job = dict(
-        engine=engine_kwargs(paths, wl, pruning, args),
-        prompts=wl["prompts"][:n],
-        output_lens=wl["output_lens"][:n],
-        result_path=str(tmp / f"profile_{index}.json"),
-    )
-    job_path = tmp / f"job_{index}.json"
-    job_path.write_text(json.dumps(job))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    cmd = [sys.executable, "-m", "benchmarks.throughput_benchmark", "--profile-job", str(job_path)]
-    print(f"  profiling {label} ({n} requests, in-process engine) ...", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=Path.cwd())
-    if proc.returncode != 0 or not Path(job["result_path"]).exists():
-        print(f"    profiling FAILED (child exit status {proc.returncode})", flush=True)
-        return dict(num_requests=n, error=f"profiling child exited with status {proc.returncode}")
-    out = json.loads(Path(job["result_path"]).read_text())
-    out.update(num_requests=n, wall_s=time.perf_counter() - t0)
-    for note in out.get("notes", []):
-        if note not in _printed_notes:
-            _printed_notes.add(note)
-            print(f"    profile: skipped {note}", flush=True)
-    ph = out.get("phases", {}).get("all")
-    if ph:
-        print(f"    {ph['steps']} steps, {ph['ms_per_step']:.2f} ms/step (median "
-              f"{ph['median_ms_per_step']:.2f})", flush=True)  # fmt: skip
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -857,15 +274,13 @@ def prepare_workload(key: str, spec: dict, shape: dict, args) -> dict:
     wl = dict(spec, key=key)
     lo, hi = wl["output_len"]
     wl.setdefault("max_model_len", wl["prompt_len"] + hi)
-    bytes_per_token = shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2 * 4
-    if args.dtype in ("bfloat16", "float16", "half"):
-        bytes_per_token //= 2
+    bytes_per_token = harness.kv_bytes_per_token(shape, args.dtype)
     wl["bytes_per_token"] = bytes_per_token
     full = wl["prompt_len"] + hi
-    wl["kv_bytes"] = (wl["kv_requests"] * full + SLACK_TOKENS) * bytes_per_token
+    wl["kv_bytes"] = (wl["kv_requests"] * full + harness.SLACK_TOKENS) * bytes_per_token
     seed = 1000 * (ord(key) - ord("a"))
-    wl["prompts"] = make_prompts(wl["num_requests"], wl["prompt_len"], seed)
-    wl["output_lens"] = make_output_lens(wl["num_requests"], (lo, hi), seed)
+    wl["prompts"] = harness.make_prompts(wl["num_requests"], wl["prompt_len"], seed)
+    wl["output_lens"] = harness.make_output_lens(wl["num_requests"], (lo, hi), seed)
     return wl
 
 
@@ -910,7 +325,8 @@ def run_workload(paths, wl, calibration: dict, args, tmp: Path) -> dict:
     def attempt(label, pruning):
         print(f"  running {label} ...", flush=True)
         try:
-            r, outs = run_config(paths, wl, label, pruning, tmp / f"stats_{wl['key']}.jsonl", args)
+            r, outs = harness.run_config(paths, wl, label, pruning,
+                                         tmp / f"stats_{wl['key']}.jsonl", args)  # fmt: skip
             print(f"    {r['output_tokens_per_s']:.1f} output tok/s in {r['elapsed_s']:.1f} s "
                   f"(startup {r['startup_s']:.1f} s)", flush=True)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - keep the other configs going
@@ -922,8 +338,7 @@ def run_workload(paths, wl, calibration: dict, args, tmp: Path) -> dict:
     attempt("plain vLLM", None)
     thresholds, notes = calibration["thresholds"], calibration["notes"]
     for target, tau in zip(args.targets, thresholds):
-        pruning = {"method": "kvzap-mlp", "threshold": tau, "window": wl["window"],
-                   "surrogate": str(paths["mlp"])}  # fmt: skip
+        pruning = harness.kvzap(paths["mlp"], wl["window"], tau)
         configs.append((label_for(target), pruning))
         attempt(label_for(target), pruning)
         results[-1]["target_fraction"] = target
@@ -945,10 +360,10 @@ def run_workload(paths, wl, calibration: dict, args, tmp: Path) -> dict:
         kv_cache_memory_bytes=wl["kv_bytes"],
         kv_budget_full_requests=wl["kv_requests"],
         profile_num_requests=wl["profile"].get("num_requests", wl["num_requests"]),
-        thresholds={label_for(t): jsonable(tau) for t, tau in zip(args.targets, thresholds)},
+        thresholds={label_for(t): report.jsonable(tau) for t, tau in zip(args.targets, thresholds)},
         calibration_notes=notes,
         calibration={k: v for k, v in calibration.items() if k not in ("thresholds", "notes")},
-        results=[{k: jsonable(v) for k, v in r.items()} for r in results],
+        results=[{k: report.jsonable(v) for k, v in r.items()} for r in results],
     )
 
 
@@ -971,16 +386,6 @@ def derive(results: list[dict]) -> None:
         if r.get("resident_kv_kib_peak") and r.get("dense_kv_kib"):
             r["kv_peak_vs_dense"] = r["resident_kv_kib_peak"] / r["dense_kv_kib"]
             r["kv_end_vs_dense"] = r["resident_kv_kib_end"] / r["dense_kv_kib"]
-
-
-def jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    return v
 
 
 def workload_line(wl: dict) -> str:
@@ -1080,13 +485,8 @@ def print_workload(key: str, w: dict) -> None:
 
 
 def plot(workloads: dict, path: Path, targets, title: str = "") -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = report.pyplot()
+    if plt is None:
         return
     keys = list(workloads)
     labels = ["plain vLLM"] + [label_for(t) for t in targets]
@@ -1149,9 +549,7 @@ def plot(workloads: dict, path: Path, targets, title: str = "") -> None:
         axes[2].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -1178,12 +576,8 @@ def main() -> None:
                         help="configs to profile, comma-separated: 'all', or any of plain, inf, "
                              "max (the highest target), a target fraction (default: plain,max; "
                              "--quick: all)")
-    parser.add_argument("--profile-job", help=argparse.SUPPRESS)  # internal: the child process
     parser.add_argument("--calibrate-job", help=argparse.SUPPRESS)  # internal: the child process
     args = parser.parse_args()
-    if args.profile_job:
-        profile_child(args.profile_job)
-        return
     if args.calibrate_job:
         calibrate_child(args.calibrate_job)
         return
@@ -1213,7 +607,7 @@ def main() -> None:
     import vllm
 
     paths = make_model(args.model, Path(args.model_dir))
-    shape = model_shape(paths["model"])
+    shape = harness.model_shape(paths["model"])
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"model {args.model} ({paths['model']}, {args.dtype}, load_format {args.load_format}): "
@@ -1229,13 +623,13 @@ def main() -> None:
 
     def save(complete: bool) -> None:
         """The report so far (after each workload, so a stopped run keeps what it measured)."""
-        report = dict(
+        data = dict(
             machine=dict(
                 cpus=os.cpu_count(), platform=platform.platform(),
                 python=platform.python_version(), torch=torch.__version__,
                 vllm=getattr(vllm, "__version__", "?"),
             ),
-            args={k: v for k, v in vars(args).items() if k not in ("profile_job", "calibrate_job")},
+            args={k: v for k, v in vars(args).items() if k != "calibrate_job"},
             model=dict(shape, name=args.model, path=str(paths["model"]),
                        surrogate=str(paths["mlp"]), dtype=args.dtype,
                        load_format=args.load_format),
@@ -1246,7 +640,7 @@ def main() -> None:
             wall_s=time.perf_counter() - started,
             workloads=workloads,
         )  # fmt: skip
-        (out_dir / f"{name}.json").write_text(json.dumps(jsonable(report), indent=2))
+        report.save_json(out_dir / f"{name}.json", data, indent=2)
 
     with tempfile.TemporaryDirectory(prefix="kvzap-throughput-") as tmp:
         prepared = {key: prepare_workload(key, specs[key], shape, args) for key in keys}
@@ -1266,6 +660,7 @@ def main() -> None:
          f"model {args.model} ({args.dtype}), {os.cpu_count()} CPUs")
     print(f"\nsaved {out_dir / (name + '.json')} and {out_dir / (name + '.png')} "
           f"(whole run {total / 60:.1f} min)")  # fmt: skip
+
 
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

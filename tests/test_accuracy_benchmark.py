@@ -1,4 +1,5 @@
-"""The accuracy benchmark's pieces (benchmarks/accuracy_benchmark.py) against independent references.
+"""The accuracy benchmark's pieces (benchmarks/accuracy_benchmark.py, forcing.py) against independent
+references.
 
 - Questions asked during decoding: the forcing logits processor, the request layout and the answer
   check, on the task's own answers.
@@ -10,22 +11,20 @@
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.accuracy_benchmark import (
-    FREE,
-    ForcedTokens,
     answer_hits,
     calibrate,
+    engine_args,
     generate_answers,
-    make_llm,
-    query_request,
     token_roles,
 )
+from benchmarks.forcing import FREE, ForcedTokens, query_request
+from benchmarks.harness import engine
 from experiments.recall.recall_task import QUERY, TOKEN_TO_ID, decode, make_example
 from vllm_kvzap.scorers.baselines import random_scores
 
@@ -109,14 +108,9 @@ def kvzap_run(tmp_path_factory):
     stats_path = tmp_path_factory.mktemp("acc") / "stats.jsonl"
     pruning = {"method": "kvzap-mlp", "threshold": threshold, "window": WINDOW,
                "surrogate": str(MODEL_DIR / "kvzap-mlp"), "stats_path": str(stats_path)}
-    llm = make_llm(MODEL_DIR, examples, {"kv_pruning": pruning})
-    try:
+    with engine(**engine_args(MODEL_DIR, examples, {"kv_pruning": pruning})) as llm:
         outputs, request_ids = generate_answers(llm, examples, with_request_ids=True)
         by_id = {s["request_id"]: s for s in wait_for_stats(stats_path, len(examples))}
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
     return examples, threshold, outputs, [by_id.get(r) for r in request_ids]
 
 

@@ -11,7 +11,11 @@ import time
 
 import pytest
 
-from benchmarks.gpu_benchmark import QWEN3_8B_CONFIG, SURROGATE_HIDDEN, interpolate_thresholds
+from benchmarks.harness import (
+    QWEN3_8B_CONFIG,
+    QWEN3_8B_SURROGATE_HIDDEN,
+    interpolate_thresholds,
+)
 from tests.interpreter import REPO_ROOT
 
 
@@ -28,10 +32,10 @@ def test_fails_fast_without_gpu():
 
 
 def test_qwen3_8b_shape_and_published_surrogate_shape(tmp_path):
-    from benchmarks.throughput_benchmark import make_shape
+    from benchmarks.harness import make_shape
     from vllm_kvzap.scorers import load_surrogate
 
-    paths = make_shape(QWEN3_8B_CONFIG, tmp_path, SURROGATE_HIDDEN)
+    paths = make_shape(QWEN3_8B_CONFIG, tmp_path, QWEN3_8B_SURROGATE_HIDDEN)
     config = json.loads((paths["model"] / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"],
             config["num_attention_heads"], config["head_dim"]) == (36, 4096, 8, 32, 128)  # fmt: skip
@@ -77,7 +81,7 @@ def test_benchmark_flow_on_the_tiny_model(tiny_model_dir, tmp_path):
     from types import SimpleNamespace
 
     from benchmarks.gpu_benchmark import plot, print_table, run_plain, run_plugin
-    from benchmarks.throughput_benchmark import make_prompts
+    from benchmarks.harness import make_prompts
 
     config = json.loads((tiny_model_dir["model"] / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -129,7 +133,7 @@ def test_smoke_flow_on_the_tiny_model(tiny_model_dir, tmp_path):
     vLLM, then the plugin at -inf (must agree with it) and at a calibrated threshold (pruning
     active), and the worker's pools back at their full counts."""
     from benchmarks.gpu_smoke import check_smoke, verdict_line
-    from benchmarks.throughput_benchmark import make_prompts
+    from benchmarks.harness import make_prompts
 
     engine = dict(model=str(tiny_model_dir["model"]), dtype="float32", max_model_len=256,
                   kv_cache_memory_bytes=64 * 2**20, seed=0, skip_tokenizer_init=True)  # fmt: skip
