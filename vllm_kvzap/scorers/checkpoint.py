@@ -1,7 +1,7 @@
 """KVzap surrogate checkpoints: the published format on disk or on the Hugging Face Hub.
 
-Data flow: **checkpoint on disk** (this module) -> ``Surrogate`` -> kernel -> keep flags consumed
-by the attention backend.
+Data flow: **checkpoint on disk** (this module) -> ``Surrogate`` -> kernel -> scores ``[T, H_kv]``
+stored with their pairs by the attention backend.
 
 A checkpoint is a directory with ``config.json`` and ``model.safetensors``, as written by kvpress's
 ``KVzapModel.save_pretrained``::
