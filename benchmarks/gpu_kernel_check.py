@@ -8,7 +8,7 @@ For a machine with an NVIDIA GPU and no vLLM (imports only ``vllm_kvzap.kernels`
   surrogate), w1 in the inputs' dtype as the ``Surrogate`` keeps it: per token count (one decoding
   step to a long prefill chunk, both sides of ``TRITON_MAX_TOKENS``), the Triton kernel's and the
   torch path's (cuBLAS GEMMs in bf16, fp32 out) GPU time, replayed from a CUDA graph as vLLM runs
-  a step, their largest score difference against ``score_and_decide_torch`` (float32 math on the
+  a step, their largest score difference against ``scores_torch`` (float32 math on the
   same bf16-rounded inputs), and which path ``use_triton`` picks; a tile sweep of the MLP kernel
   (to revise ``_launch_config``); and the cost of 36 layers' scoring in one decode step at batch
   64 (one CUDA graph, every layer its own weights, so w1 comes from memory as in a real step) as
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness, report
+from vllm_kvzap import rule
 from vllm_kvzap.kernels import surrogate_score as ss
 
 QWEN3_8B = harness.config_shape(harness.QWEN3_8B_CONFIG)
@@ -90,16 +91,17 @@ def layer(weights, i: int = 0):
 def check(kind: str, dtype: torch.dtype, tokens: int, gen: torch.Generator) -> dict:
     x = torch.randn(tokens, D, generator=gen).to("cuda", dtype)
     args = layer(surrogate_weights(kind, gen, dtype))
-    want = ss.score_and_decide_torch(x, *args, THRESHOLD)[0]
-    got, keep = ss.score_and_decide_triton(x, *args, THRESHOLD)
+    want = ss.scores_torch(x, *args)
+    got = ss.scores_triton(x, *args)
+    keep_mismatch = rule.keep(got, THRESHOLD) != rule.keep(want, THRESHOLD)
     torch.cuda.synchronize()
     return {
         "kind": kind, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
         "path": "triton" if ss.use_triton(tokens, kind == "mlp") else "torch",
         "triton_max_abs_diff": float((got - want).abs().max()),
         "torch_max_abs_diff": float((ss.scores_cublas(x, *args) - want).abs().max()),
-        "keep_mismatch": float((keep != (want >= THRESHOLD)).float().mean()),
-        "triton_ms": gpu_ms(lambda: ss._triton_scores(x, *args)),
+        "keep_mismatch": float(keep_mismatch.float().mean()),
+        "triton_ms": gpu_ms(lambda: ss.scores_triton(x, *args)),
         "torch_ms": gpu_ms(lambda: ss.scores_cublas(x, *args)),
     }  # fmt: skip
 
@@ -114,7 +116,9 @@ def tile_sweep(gen: torch.Generator) -> list[dict]:
         chosen = ss._launch_config(tokens, D, N, H, True, 2, sms, None, None, None)[:2]
         for bt in (16, 32, 64):
             for bn in (16, 32, 64):
-                ms = gpu_ms(lambda bt=bt, bn=bn: ss._triton_scores(x, w1, b1, w2, b2, bt, None, bn))
+                ms = gpu_ms(
+                    lambda bt=bt, bn=bn: ss.scores_triton(x, w1, b1, w2, b2, block_t=bt, block_n=bn)
+                )
                 rows.append(dict(tokens=tokens, block_t=bt, block_n=bn, ms=ms, chosen=(bt, bn) == chosen))
     return rows
 

@@ -48,14 +48,14 @@ def test_cuda_path_engine_equals_reference(cuda_path_run, tiny_model_dir):
 def test_surrogate_scores_op_equals_torch_twin():
     run_in_triton_interpreter(
         "import torch\n"
-        "from vllm_kvzap.kernels.surrogate_score import surrogate_scores, score_and_decide_torch\n"
+        "from vllm_kvzap.kernels.surrogate_score import scores_torch, surrogate_scores\n"
         "g = torch.Generator().manual_seed(0)\n"
         "x = torch.randn(37, 64, generator=g).to(torch.bfloat16)\n"
         "w1, b1 = torch.randn(24, 64, generator=g) / 8, torch.randn(24, generator=g)\n"
         "w2, b2 = torch.randn(4, 24, generator=g) / 5, torch.randn(4, generator=g)\n"
         "for args in ((w1, b1, w2, b2), (w1[:4], b1[:4], None, None)):\n"
         "    # the op multiplies x by w1 in x's dtype: the reference uses the same bf16-rounded w1\n"
-        "    ref = score_and_decide_torch(x, args[0].bfloat16(), *args[1:], 0.0)[0]\n"
+        "    ref = scores_torch(x, args[0].bfloat16(), *args[1:])\n"
         "    got = surrogate_scores(x, *args)\n"
         "    assert got.dtype == torch.float32 and got.shape == ref.shape\n"
         "    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()\n"

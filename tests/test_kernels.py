@@ -19,8 +19,8 @@ from tests.interpreter import run_in_triton_interpreter
 from torch import nn
 
 from vllm_kvzap.kernels import surrogate_score as ss
+from vllm_kvzap.rule import keep as rule_keep
 
-NEG_INF = float("-inf")
 BF16, FP32 = torch.bfloat16, torch.float32
 # Triton vs the float32 twin on the same (bf16-rounded) inputs: bf16 x bf16 products are exact in
 # float32 and both sides accumulate in float32, so only the summation order differs (~1e-6 seen at
@@ -78,7 +78,8 @@ def test_torch_twin_matches_nn_modules(N: int | None, H: int) -> None:
     T, D = 29, 40
     w1, b1, w2, b2 = make_weights(D, H, N, seed=H)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(H))
-    scores, keep = ss.score_and_decide_torch(x, w1, b1, w2, b2, -4.0)
+    scores = ss.scores_torch(x, w1, b1, w2, b2)
+    keep = rule_keep(scores, -4.0)
     ref = nn_reference(x, w1, b1, w2, b2)
     assert scores.dtype == torch.float32 and keep.dtype == torch.bool
     assert scores.shape == keep.shape == (T, H)
@@ -92,7 +93,7 @@ def test_torch_twin_gelu_is_exact_erf() -> None:
     h = torch.tensor([[-3.0], [-2.0], [-0.5], [0.0], [0.7], [2.0]], dtype=torch.float64)
     w1, b1 = torch.ones(1, 1), torch.zeros(1)
     w2, b2 = torch.ones(1, 1), torch.zeros(1)
-    scores, _ = ss.score_and_decide_torch(h.float(), w1, b1, w2, b2, NEG_INF)
+    scores = ss.scores_torch(h.float(), w1, b1, w2, b2)
     exact = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
     torch.testing.assert_close(scores.double(), exact, atol=1e-6, rtol=0)
 
@@ -105,9 +106,7 @@ def test_surrogate_on_cpu_uses_torch_twin(monkeypatch: pytest.MonkeyPatch) -> No
     w1, b1, w2, b2 = make_weights(16, 2, 16)
     sur = Surrogate(SurrogateConfig(16, 2, 1, 16), w1[None], b1[None], w2[None], b2[None])
     x = torch.randn(5, 16)
-    s_ref, k_ref = ss.score_and_decide_torch(x, w1, b1, w2, b2, -4.0)
-    assert torch.equal(sur.score(x, 0), s_ref) and torch.equal(ss.scores_torch(x, w1, b1, w2, b2), s_ref)
-    assert torch.equal(k_ref, s_ref >= -4.0)
+    assert torch.equal(sur.score(x, 0), ss.scores_torch(x, w1, b1, w2, b2))
 
 
 @pytest.mark.parametrize(
@@ -123,7 +122,7 @@ def test_surrogate_on_cpu_uses_torch_twin(monkeypatch: pytest.MonkeyPatch) -> No
 )
 def test_shape_errors(args, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        ss.score_and_decide_torch(*args, threshold=0.0)
+        ss.scores_torch(*args)
 
 
 # ---------------------------------------------------------------- Triton (interpreter) vs twin
@@ -145,75 +144,62 @@ RAGGED = [
 
 
 @needs_triton
-@pytest.mark.parametrize("threshold", [NEG_INF, -4.0])
 @pytest.mark.parametrize("T, D, N, H", RAGGED)
-def test_triton_matches_torch_twin(interpret, T: int, D: int, N: int | None, H: int, threshold: float) -> None:
+def test_triton_matches_torch_twin(interpret, T: int, D: int, N: int | None, H: int) -> None:
     w1, b1, w2, b2 = make_weights(D, H, N, seed=T * 131 + D)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
     # 16-wide tiles: several T, D and hidden tiles with ragged edges
-    s, k = ss.score_and_decide_triton(x, w1, b1, w2, b2, threshold, block_t=16, block_d=16, block_n=16)
-    s_ref, _ = ss.score_and_decide_torch(x, w1, b1, w2, b2, threshold)
-    assert s.dtype == torch.float32 and k.dtype == torch.bool and s.shape == k.shape == (T, H)
+    s = ss.scores_triton(x, w1, b1, w2, b2, block_t=16, block_d=16, block_n=16)
+    s_ref = ss.scores_torch(x, w1, b1, w2, b2)
+    assert s.dtype == torch.float32 and s.shape == (T, H)
     torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(s.double(), nn_reference(x, w1, b1, w2, b2), atol=2e-5, rtol=1e-5)
-    assert torch.equal(k, s >= threshold)  # the fused compare agrees with its own scores
-    assert_decisions_match(s_ref.double(), k, threshold)
-    if threshold == NEG_INF:
-        assert k.all()
 
 
-# (kind, T, D, x dtype, w1 passed in x's dtype, launch, threshold): ragged T from 1 to 4096, D of
-# SmolLM2-135M (576) and Qwen3-8B (4096), H_kv 8, MLP hidden 512. "h100": the GPU's tiles and D
-# splits; "interp": the interpreter's large tiles (the only way T = 4096 at D = 4096 stays quick).
+# (kind, T, D, x dtype, w1 passed in x's dtype, launch): ragged T from 1 to 4096, D of SmolLM2-135M
+# (576) and Qwen3-8B (4096), H_kv 8, MLP hidden 512. "h100": the GPU's tiles and D splits;
+# "interp": the interpreter's large tiles (the only way T = 4096 at D = 4096 stays quick).
 QWEN_SHAPES = [
-    ("mlp", 1, 4096, BF16, True, "h100", -4.0),
-    ("mlp", 3, 576, FP32, True, "h100", -4.0),
-    ("mlp", 17, 576, BF16, False, "h100", -4.0),
-    ("mlp", 63, 576, FP32, True, "h100", -4.0),
-    ("mlp", 64, 4096, BF16, True, "h100", -4.0),
-    ("mlp", 65, 576, BF16, True, "h100", NEG_INF),
-    ("mlp", 130, 576, FP32, True, "h100", -4.0),
-    ("mlp", 130, 4096, FP32, True, "h100", -4.0),
-    ("mlp", 1000, 576, BF16, True, "h100", -4.0),
-    ("mlp", 1000, 4096, BF16, True, "h100", -4.0),
-    ("mlp", 4096, 4096, BF16, True, "interp", -4.0),
-    ("linear", 1, 4096, BF16, True, "h100", -4.0),
-    ("linear", 3, 4096, FP32, True, "h100", NEG_INF),
-    ("linear", 17, 576, FP32, True, "h100", -4.0),
-    ("linear", 63, 4096, BF16, True, "h100", -4.0),
-    ("linear", 64, 576, BF16, False, "h100", -4.0),
-    ("linear", 65, 4096, BF16, True, "h100", -4.0),
-    ("linear", 130, 576, FP32, True, "h100", -4.0),
-    ("linear", 1000, 4096, BF16, True, "h100", -4.0),
-    ("linear", 4096, 576, FP32, True, "interp", -4.0),
+    ("mlp", 1, 4096, BF16, True, "h100"),
+    ("mlp", 3, 576, FP32, True, "h100"),
+    ("mlp", 17, 576, BF16, False, "h100"),
+    ("mlp", 63, 576, FP32, True, "h100"),
+    ("mlp", 64, 4096, BF16, True, "h100"),
+    ("mlp", 65, 576, BF16, True, "h100"),
+    ("mlp", 130, 576, FP32, True, "h100"),
+    ("mlp", 130, 4096, FP32, True, "h100"),
+    ("mlp", 1000, 576, BF16, True, "h100"),
+    ("mlp", 1000, 4096, BF16, True, "h100"),
+    ("mlp", 4096, 4096, BF16, True, "interp"),
+    ("linear", 1, 4096, BF16, True, "h100"),
+    ("linear", 3, 4096, FP32, True, "h100"),
+    ("linear", 17, 576, FP32, True, "h100"),
+    ("linear", 63, 4096, BF16, True, "h100"),
+    ("linear", 64, 576, BF16, False, "h100"),
+    ("linear", 65, 4096, BF16, True, "h100"),
+    ("linear", 130, 576, FP32, True, "h100"),
+    ("linear", 1000, 4096, BF16, True, "h100"),
+    ("linear", 4096, 576, FP32, True, "interp"),
 ]
 
 
 @needs_triton
 @pytest.mark.parametrize(
-    "kind, T, D, dtype, w1_cast, launch, threshold",
+    "kind, T, D, dtype, w1_cast, launch",
     QWEN_SHAPES,
     ids=["-".join(str(v).removeprefix("torch.") for v in case) for case in QWEN_SHAPES],
 )
-def test_triton_at_model_shapes(
-    interpret, monkeypatch, kind, T, D, dtype, w1_cast, launch, threshold
-) -> None:
+def test_triton_at_model_shapes(interpret, monkeypatch, kind, T, D, dtype, w1_cast, launch) -> None:
     if launch == "h100":  # the tiles and D splits of an H100's 132 SMs
         monkeypatch.setattr(ss, "_num_sms", lambda device: 132)
     w1, b1, w2, b2 = make_weights(D, 8, 512 if kind == "mlp" else None, seed=T + D)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to(dtype)
     w1_lp = w1.to(dtype)  # as the Surrogate keeps it; else the kernel casts it per call
-    s, k = ss.score_and_decide_triton(x, w1_lp if w1_cast else w1, b1, w2, b2, threshold)
-    s_ref, _ = ss.score_and_decide_torch(x, w1_lp, b1, w2, b2, threshold)
-    assert s.dtype == torch.float32 and k.dtype == torch.bool and s.shape == k.shape == (T, 8)
+    s = ss.scores_triton(x, w1_lp if w1_cast else w1, b1, w2, b2)
+    s_ref = ss.scores_torch(x, w1_lp, b1, w2, b2)
+    assert s.dtype == torch.float32 and s.shape == (T, 8)
     atol, rtol = (BF16_ATOL, BF16_RTOL) if dtype == BF16 else (2e-5, 1e-5)
     torch.testing.assert_close(s, s_ref, atol=atol, rtol=rtol)
-    assert torch.equal(k, s >= threshold)  # pruned iff strictly below, on its own scores
-    if threshold == NEG_INF:
-        assert k.all()
-    else:
-        assert_decisions_match(s_ref, k, threshold)
-        assert 0 < k.sum() < k.numel()
 
 
 @needs_triton
@@ -235,7 +221,7 @@ def test_triton_gelu_is_exact_erf(interpret) -> None:
     # One hidden unit h per token; score = gelu(h). tanh-approx GELU differs by ~1e-4 at |h| ~ 2.
     h = torch.tensor([[-3.0], [-2.0], [-0.5], [0.0], [0.7], [2.0]])
     one, zero = torch.ones(1, 1), torch.zeros(1)
-    s, _ = ss.score_and_decide_triton(h, one, zero, one, zero, NEG_INF)
+    s = ss.scores_triton(h, one, zero, one, zero)
     exact = 0.5 * h.double() * (1 + torch.erf(h.double() / math.sqrt(2)))
     torch.testing.assert_close(s.double(), exact, atol=1e-6, rtol=0)
 
@@ -247,7 +233,7 @@ def test_cublas_path_matches_torch_twin(D: int) -> None:
     w1, b1, w2, b2 = make_weights(D, 8, 512, seed=D)
     x = torch.randn(1100, D, generator=torch.Generator().manual_seed(D)).to(BF16)
     s = ss.scores_cublas(x, w1.to(BF16), b1, w2, b2)
-    s_ref, _ = ss.score_and_decide_torch(x, w1.to(BF16), b1, w2, b2, NEG_INF)
+    s_ref = ss.scores_torch(x, w1.to(BF16), b1, w2, b2)
     assert s.dtype == torch.float32 and s.shape == (1100, 8)
     torch.testing.assert_close(s, s_ref, atol=5e-2, rtol=0)
 
@@ -264,9 +250,9 @@ def test_op_dispatch_rule(interpret, N: int | None) -> None:
         got = ss.surrogate_scores(x, w1, b1, w2, b2)
         triton_path = N is None or T <= ss.TRITON_MAX_TOKENS
         assert ss.use_triton(T, N is not None) == triton_path
-        want = ss._triton_scores(x, w1, b1, w2, b2) if triton_path else ss.scores_cublas(x, w1, b1, w2, b2)
+        want = ss.scores_triton(x, w1, b1, w2, b2) if triton_path else ss.scores_cublas(x, w1, b1, w2, b2)
         assert torch.equal(got, want)
-        s_ref, _ = ss.score_and_decide_torch(x, w1, b1, w2, b2, NEG_INF)
+        s_ref = ss.scores_torch(x, w1, b1, w2, b2)
         torch.testing.assert_close(got, s_ref, atol=BF16_ATOL if triton_path else 5e-2, rtol=0)
 
 
@@ -292,10 +278,9 @@ def test_triton_default_blocks_and_strided_bf16_input(interpret, N: int | None) 
     w1, b1, w2, b2 = make_weights(D, H, N, seed=3)
     x = torch.randn(T, 2 * D).to(torch.bfloat16)[:, ::2]  # non-contiguous, bf16
     assert not x.is_contiguous()
-    s, k = ss.score_and_decide_triton(x, w1, b1, w2, b2, -4.0)  # w1 cast to bf16 per call
-    s_ref, _ = ss.score_and_decide_torch(x, w1.bfloat16(), b1, w2, b2, -4.0)
+    s = ss.scores_triton(x, w1, b1, w2, b2)  # w1 cast to bf16 per call
+    s_ref = ss.scores_torch(x, w1.bfloat16(), b1, w2, b2)
     torch.testing.assert_close(s, s_ref, atol=BF16_ATOL, rtol=BF16_RTOL)
-    assert_decisions_match(s_ref, k, -4.0)
 
 
 @needs_triton
@@ -309,9 +294,10 @@ def test_ties_at_threshold_are_kept(interpret, impl: str, N: int | None) -> None
         w1, b1, w2, b2 = torch.zeros(H, D), bias, None, None
     else:
         w1, b1, w2, b2 = torch.randn(N, D), torch.randn(N), torch.zeros(H, N), bias
-    fn = ss.score_and_decide_torch if impl == "torch" else ss.score_and_decide_triton
-    s, k = fn(torch.randn(T, D), w1, b1, w2, b2, -4.0)
+    fn = ss.scores_torch if impl == "torch" else ss.scores_triton
+    s = fn(torch.randn(T, D), w1, b1, w2, b2)
     assert torch.equal(s, bias.expand(T, H))
+    k = rule_keep(s, -4.0)
     assert torch.equal(k, torch.tensor([True, True, False, True, True]).expand(T, H))
 
 
@@ -321,12 +307,13 @@ def test_ties_on_computed_scores(interpret) -> None:
     T, D, N, H = 23, 30, 18, 3
     w1, b1, w2, b2 = make_weights(D, H, N, seed=7)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(7))
-    s, _ = ss.score_and_decide_triton(x, w1, b1, w2, b2, NEG_INF, block_t=16, block_d=16, block_n=16)
+    s = ss.scores_triton(x, w1, b1, w2, b2, block_t=16, block_d=16, block_n=16)
     mid = int(s.flatten().argsort()[s.numel() // 2])  # the median score: some kept, some not
     t, h = divmod(mid, H)
     thr = float(s[t, h])
-    s2, k2 = ss.score_and_decide_triton(x, w1, b1, w2, b2, thr, block_t=16, block_d=16, block_n=16)
-    assert torch.equal(s2, s)
+    s2 = ss.scores_triton(x, w1, b1, w2, b2, block_t=16, block_d=16, block_n=16)
+    assert torch.equal(s2, s)  # deterministic: the same tokens score identically
+    k2 = rule_keep(s2, thr)
     assert bool(k2[t, h])
     assert torch.equal(k2, s >= thr)
     assert 0 < k2.sum() < k2.numel()
@@ -335,8 +322,8 @@ def test_ties_on_computed_scores(interpret) -> None:
 @needs_triton
 def test_triton_empty_input(interpret) -> None:
     w1, b1, w2, b2 = make_weights(24, 2, 16)
-    s, k = ss.score_and_decide_triton(torch.empty(0, 24), w1, b1, w2, b2, -4.0)
-    assert s.shape == k.shape == (0, 2) and k.dtype == torch.bool
+    s = ss.scores_triton(torch.empty(0, 24), w1, b1, w2, b2)
+    assert s.shape == (0, 2) and s.dtype == torch.float32
 
 
 @needs_triton
@@ -344,7 +331,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch: pytest.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     w1, b1, _, _ = make_weights(16, 2, None)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ss.score_and_decide_triton(torch.randn(3, 16), w1, b1, None, None, 0.0)
+        ss.scores_triton(torch.randn(3, 16), w1, b1, None, None)
 
 
 @needs_triton
@@ -364,10 +351,9 @@ def test_triton_interpreter_in_fresh_process() -> None:
             b1 = torch.randn(N or H, generator=g)
             w2 = torch.randn(H, N, generator=g) / N**0.5 if N else None
             b2 = torch.randn(H, generator=g) if N else None
-            s, k = ss.score_and_decide_triton(x, w1, b1, w2, b2, 0.0, block_t=16, block_d=16, block_n=16)
-            s_ref, _ = ss.score_and_decide_torch(x, w1, b1, w2, b2, 0.0)
+            s = ss.scores_triton(x, w1, b1, w2, b2, block_t=16, block_d=16, block_n=16)
+            s_ref = ss.scores_torch(x, w1, b1, w2, b2)
             torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-5)
-            assert torch.equal(k, s >= 0.0)
         print("OK")
         """
     )
@@ -378,4 +364,4 @@ def test_triton_interpreter_in_fresh_process() -> None:
 def test_triton_rejects_bad_block_sizes(interpret) -> None:
     w1, b1, _, _ = make_weights(16, 2, None)
     with pytest.raises(ValueError, match="block_d must be a power of two"):
-        ss.score_and_decide_triton(torch.randn(3, 16), w1, b1, None, None, 0.0, block_d=24)
+        ss.scores_triton(torch.randn(3, 16), w1, b1, None, None, block_d=24)

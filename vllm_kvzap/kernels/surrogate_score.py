@@ -12,12 +12,11 @@ For one layer, with ``x`` the input of ``self_attn`` (``[T, D]``, the model's dt
 Three implementations of the scores, all float32 ``[T, H]``:
 - ``scores_torch``: the reference, everything in float32 (the CPU path; torch.compile fuses it
   into the model's graph);
-- ``_triton_scores``: one fused Triton kernel, ``x @ w1.T`` on tensor cores in x's dtype;
+- ``scores_triton``: one fused Triton kernel, ``x @ w1.T`` on tensor cores in x's dtype;
 - ``scores_cublas``: cuBLAS GEMMs in x's dtype through torch, for long prefill chunks.
 On CUDA, ``surrogate_scores`` (a custom op, opaque to torch.compile) picks between the last two by
-the step's token count, at run time: see ``use_triton``. ``score_and_decide_torch`` and
-``score_and_decide_triton`` add the rule's keep flags (``rule.keep``) to the torch and Triton
-scores, for checks (the tests, ``benchmarks/gpu_kernel_check.py``); the model never asks for them.
+the step's token count, at run time: see ``use_triton``. Scores only: which pairs are kept is
+``rule.keep``'s decision, made by the attention backend (and by the checks that need it).
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-
-from vllm_kvzap.rule import keep
 
 try:
     import triton
@@ -42,10 +39,9 @@ except ImportError:  # the torch twin works without Triton
 __all__ = [
     "HAS_TRITON",
     "TRITON_MAX_TOKENS",
-    "score_and_decide_torch",
-    "score_and_decide_triton",
     "scores_cublas",
     "scores_torch",
+    "scores_triton",
     "surrogate_scores",
     "use_triton",
 ]
@@ -100,19 +96,6 @@ def scores_torch(
         assert b2 is not None
         scores = F.linear(F.gelu(scores, approximate="none"), w2.float(), b2.float())
     return scores
-
-
-def score_and_decide_torch(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor | None,
-    b2: torch.Tensor | None,
-    threshold: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores_torch, keep [T, H] bool = ``rule.keep(scores, threshold)``), for checks."""
-    scores = scores_torch(x, w1, b1, w2, b2)
-    return scores, keep(scores, threshold)
 
 
 def scores_cublas(
@@ -296,17 +279,33 @@ def _interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _triton_scores(
+def scores_triton(
     x: torch.Tensor,
     w1: torch.Tensor,
     b1: torch.Tensor,
     w2: torch.Tensor | None,
     b2: torch.Tensor | None,
+    *,
     block_t: int | None = None,
     block_d: int | None = None,
     block_n: int | None = None,
     input_precision: str = "ieee",
 ) -> torch.Tensor:
+    """Fused Triton scoring: scores [T, H] float32.
+
+    One kernel (``_surrogate_score_kernel``) tiled over tokens and hidden units (MLP) or over
+    tokens and D (linear), so a decode step spreads over the SMs, then a float32 sum of the
+    partial scores of the S slices when S > 1 (a second small kernel; deterministic, unlike
+    atomics, so a step scores the same tokens identically every time). ``x @ w1.T`` runs in x's
+    dtype (bf16/fp16 on tensor cores; fp32 with ``input_precision``: "ieee" matches the float32
+    twin, "tf32" is faster at ~1e-3 relative error) with float32 accumulation. w1 is cast to x's
+    dtype when it is not in it, per call: the ``Surrogate`` keeps a cast copy so the GPU path never
+    casts.
+
+    Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` (slow; for tests).
+    ``block_*`` override the tile sizes (powers of two >= 16; ``block_n`` is the MLP's hidden
+    tile, the linear kind takes all heads in one tile).
+    """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed; use scores_torch")
     T, D, N, H = _check_args(x, w1, b1, w2, b2)
@@ -316,7 +315,7 @@ def _triton_scores(
         kernel = _interpreted_kernel()
     else:
         raise RuntimeError(
-            f"score_and_decide_triton needs CUDA tensors (got {x.device}); "
+            f"scores_triton needs CUDA tensors (got {x.device}); "
             "set TRITON_INTERPRET=1 to run the kernel on CPU tensors (slow, for tests)"
         )
     if T == 0:
@@ -347,38 +346,6 @@ def _triton_scores(
     return part[0] if S == 1 else part.sum(0)
 
 
-def score_and_decide_triton(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor | None,
-    b2: torch.Tensor | None,
-    threshold: float,
-    *,
-    block_t: int | None = None,
-    block_d: int | None = None,
-    block_n: int | None = None,
-    input_precision: str = "ieee",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused Triton scoring, for checks: (scores [T, H] float32, keep [T, H] bool =
-    ``rule.keep(scores, threshold)``); the scores are ``_triton_scores``'.
-
-    One kernel (``_surrogate_score_kernel``) tiled over tokens and hidden units (MLP) or over
-    tokens and D (linear), so a decode step spreads over the SMs, then a float32 sum of the
-    partial scores of the S slices when S > 1 (a second small kernel; deterministic, unlike
-    atomics, so a step scores the same tokens identically every time). ``x @ w1.T`` runs in x's dtype (bf16/fp16 on tensor cores; fp32 with
-    ``input_precision``: "ieee" matches the float32 twin, "tf32" is faster at ~1e-3 relative
-    error) with float32 accumulation. w1 is cast to x's dtype when it is not in it, per call: the
-    ``Surrogate`` keeps a cast copy so the GPU path never casts.
-
-    Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` (slow; for tests).
-    ``block_*`` override the tile sizes (powers of two >= 16; ``block_n`` is the MLP's hidden
-    tile, the linear kind takes all heads in one tile).
-    """
-    scores = _triton_scores(x, w1, b1, w2, b2, block_t, block_d, block_n, input_precision)
-    return scores, keep(scores, threshold)
-
-
 def use_triton(num_tokens: int, is_mlp: bool) -> bool:
     """Which GPU path scores a step of ``num_tokens`` tokens: the Triton kernel or cuBLAS.
 
@@ -407,7 +374,7 @@ def surrogate_scores(
     real token count (vLLM compiles one graph for every T and drops guards, so a branch on T in
     the traced code would be fixed at trace time), and a captured CUDA graph replays it."""
     if HAS_TRITON and use_triton(x.shape[0], w2 is not None):
-        return _triton_scores(x, w1, b1, w2, b2)
+        return scores_triton(x, w1, b1, w2, b2)
     return scores_cublas(x, w1, b1, w2, b2)
 
 
