@@ -81,3 +81,12 @@ def test_refused_with_the_key_named(engine, value, needle):
 
 def test_window_baseline_may_switch_off():
     assert request_value({"kv_pruning": "none"}, cfg(method="window")) == -math.inf
+
+
+def test_window_threshold_refusal_names_the_baseline():
+    with pytest.raises(KVPruningConfigError) as e:
+        request_value({"kv_pruning": -3.0}, cfg(method="window"))
+    assert str(e.value) == (
+        'extra_args["kv_pruning"]: the window baseline has no scores to compare with a threshold; '
+        'only "none" (no pruning for this request) is accepted'
+    )

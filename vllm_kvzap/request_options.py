@@ -17,8 +17,8 @@ Accepted values of ``extra_args["kv_pruning"]`` (``None`` or no key: the engine'
 
 The OpenAI API's ``vllm_xargs`` holds flat values only: ``"vllm_xargs": {"kv_pruning": -3.5}``.
 Everything else is refused: a ratio for a threshold engine or the reverse, a threshold for the
-``window`` baseline (it has no scores to compare), per-request options in mask mode, another
-method (scoring is per engine), and any option on an engine without pruning.
+``window`` baseline (it has no scores to compare: ``Press.has_scores``), per-request options in
+mask mode, another method (scoring is per engine), and any option on an engine without pruning.
 """
 
 from __future__ import annotations
@@ -95,10 +95,10 @@ def _off(config: KVPruningConfig) -> float:
 
 
 def _parse(value: Any, option: str, config: KVPruningConfig, where: str) -> float:
-    if option == "threshold" and config.method == "window":
+    if option == "threshold" and not config.press.has_scores:
         raise KVPruningConfigError(
-            f'{where}: the window baseline has no scores to compare with a threshold; only "none" '
-            "(no pruning for this request) is accepted"
+            f"{where}: the {config.method} baseline has no scores to compare with a threshold; "
+            'only "none" (no pruning for this request) is accepted'
         )
     if isinstance(value, str):
         try:
