@@ -163,11 +163,11 @@ def page_state(table) -> dict[str, torch.Tensor]:
     hold with their K/V and scores (the cells' bits), and the free-page stack's live part."""
     held = table.held_page_ids().long()
     return {
-        "state": table.state[:, : table.max_slots].cpu(),
+        "state": table.rows.packed[:, : table.max_reqs].cpu(),
         "held_page_ids": held.cpu(),
-        "held_pages": table.kv_pages[held].view(torch.int16).cpu(),
-        "slot_scores": table.slot_scores[held].cpu(),
-        "free_pages": table.free_pages[: table.num_free].cpu(),
+        "held_pages": table.pool.kv_pages[held].view(torch.int16).cpu(),
+        "slot_scores": table.pool.slot_scores[held].cpu(),
+        "free_pages": table.pool.free_pages.items[: table.num_free].cpu(),
     }
 
 
@@ -175,7 +175,9 @@ def drive_table(device, L, H, D, bs, prompt_lens, steps, window, seed, time_step
     """Requests through one dense prompt step and `steps` decoding steps on a fresh page table;
     returns the plans (`plan_fields`), the final table, and (time_steps) the decoding steps'
     plan, per-layer write and per-layer block-table gather times in ms."""
-    from vllm_kvzap.cache.page_table import PageTable, StepRows, page_cell
+    from vllm_kvzap.cache.page_pool import page_cell
+    from vllm_kvzap.cache.page_table import PageTable
+    from vllm_kvzap.cache.step_plan import StepRows
 
     g = torch.Generator().manual_seed(seed)
     B = len(prompt_lens)
@@ -192,7 +194,7 @@ def drive_table(device, L, H, D, bs, prompt_lens, steps, window, seed, time_step
         qlens = torch.tensor(prompt_lens) if step == 0 else torch.ones(B, dtype=torch.int64)
         qsl = torch.zeros(B + 1, dtype=torch.int64)
         qsl[1:] = qlens.cumsum(0)
-        rows = StepRows(keys=keys.to(device), num_computed=computed.clone(), query_lens=qlens,
+        rows = StepRows(req_keys=keys.to(device), num_computed=computed.clone(), query_lens=qlens,
                         is_prefilling=torch.full((B,), step == 0), query_start_loc=qsl)  # fmt: skip
         T = int(qsl[-1])
         inputs = [(torch.randn(T, H, D, generator=g).to(device, torch.bfloat16),

@@ -55,11 +55,12 @@ def worker_state(worker) -> dict:
     runtime = get_runtime()
     pages = runtime.pages if runtime is not None else None
     if pages is not None:
-        slots = slice(0, pages.max_slots)  # the table's last slot is a dump for masked writes
+        live = slice(0, pages.max_reqs)  # the last request index is a dump for masked writes
         state.update(
-            free_pages=pages.num_free, held_pages=int(pages.num_pages[:, slots].sum()),
-            capacity=pages.capacity, free_slots=pages.num_free_slots, max_slots=pages.max_slots,
-            live=int((pages.key_of_slot[slots] >= 0).sum()),
+            free_pages=pages.num_free, held_pages=int(pages.rows.num_pages[:, live].sum()),
+            capacity=pages.pool.capacity, free_slots=len(pages.requests.free),
+            max_slots=pages.max_reqs,
+            live=int((pages.requests.req_key[live] >= 0).sum()),
         )  # fmt: skip
     return state
 

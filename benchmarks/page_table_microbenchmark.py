@@ -22,7 +22,9 @@ import time
 import torch
 
 from benchmarks.profiling import top_level_ops
-from vllm_kvzap.cache.page_table import PageTable, StepRows, page_cell
+from vllm_kvzap.cache.page_pool import page_cell
+from vllm_kvzap.cache.page_table import PageTable
+from vllm_kvzap.cache.step_plan import StepRows
 
 # (layers, KV heads, head size, dtype)
 SHAPES = {
@@ -38,7 +40,7 @@ def rows(keys: torch.Tensor, computed: int, query_len: int, prefill: bool) -> St
     qsl = torch.zeros(B + 1, dtype=torch.int64)
     qsl[1:] = torch.full((B,), query_len).cumsum(0)
     return StepRows(
-        keys=keys,
+        req_keys=keys,
         num_computed=torch.full((B,), computed),
         query_lens=torch.full((B,), query_len),
         is_prefilling=torch.full((B,), prefill),

@@ -93,14 +93,14 @@ def rank_pages(worker) -> dict:
 
     runtime = get_runtime()
     table = runtime.pages
-    slots = (table.key_of_slot >= 0).nonzero().flatten()
-    pages = table.num_pages[:, slots, :].permute(1, 0, 2).tolist()  # [live, L, H]
+    live = (table.requests.req_key >= 0).nonzero().flatten()
+    pages = table.rows.num_pages[:, live, :].permute(1, 0, 2).tolist()  # [live, L, H]
     return {
         "first_head": runtime.heads.first if runtime.heads else 0,
         "heads": table.num_heads,
-        "layer_head": table.num_pages[:, slots, :].sum(1).tolist(),  # [L, local heads]
-        "held": table.capacity - table.num_free,
-        "pages": dict(zip(table.key_of_slot[slots].tolist(), pages)),
+        "layer_head": table.rows.num_pages[:, live, :].sum(1).tolist(),  # [L, local heads]
+        "held": table.pool.capacity - table.num_free,
+        "pages": dict(zip(table.requests.req_key[live].tolist(), pages)),
     }
 
 

@@ -83,16 +83,16 @@ def page_state(llm, stats_path: str) -> dict:
 
 
 def pool_counts(llm) -> dict:
-    """Free pages, free batch slots, free blocks and live requests of the page table and pool."""
+    """Free pages, free request indices, free blocks and live requests of the page table and pool."""
     from vllm_kvzap.attention.runtime import get_runtime
 
     pages = get_runtime().pages
     core = llm.llm_engine.engine_core.engine_core
     return {
         "free_pages": pages.num_free,
-        "free_slots": pages.num_free_slots,
+        "free_request_indices": len(pages.requests.free),
         "free_blocks": core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
-        "live_requests": int((pages.key_of_slot[: pages.max_slots] >= 0).sum()),
+        "live_requests": int((pages.requests.req_key[: pages.max_reqs] >= 0).sum()),
     }
 
 

@@ -34,7 +34,8 @@ def make_step(lengths, block_size, dtype, seed=0):
         keys.reshape(-1, 1, D), values.reshape(-1, 1, D), key_cache, value_cache,
         slots.reshape(-1), isa,
     )  # fmt: skip
-    table = SimpleNamespace(num_heads=H, head_size=D, key_cache=key_cache, value_cache=value_cache)
+    views = SimpleNamespace(key_cache=key_cache, value_cache=value_cache)  # the page pool's
+    table = SimpleNamespace(num_heads=H, head_size=D, pool=views)
     plan = SimpleNamespace(
         num_tokens=R // H,
         seq_lens=lengths.to(torch.int32),

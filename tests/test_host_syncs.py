@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from tests.test_page_table import D, G, H, L, Sim
 from vllm_kvzap.attention.rows import attend_layer, row_queries, scatter_rows
-from vllm_kvzap.cache.page_table import StepRows
+from vllm_kvzap.cache.step_plan import StepRows
 
 Tensor = torch.Tensor
 READS = {
@@ -106,7 +106,7 @@ def rows_of(batch) -> StepRows:
     qsl = torch.zeros(len(batch) + 1, dtype=torch.int64)
     qsl[1:] = qlens.cumsum(0)
     return StepRows(
-        keys=torch.tensor([1 + 3 * b[0] for b in batch]),
+        req_keys=torch.tensor([1 + 3 * b[0] for b in batch]),
         num_computed=torch.tensor([b[1] for b in batch]),
         query_lens=qlens,
         is_prefilling=torch.tensor([b[3] for b in batch]),
@@ -151,11 +151,11 @@ def test_the_counter_sees_device_reads_and_not_host_ones():
         n = rows.num_computed + 1
         bool((n > 0).any())  # host
         on_device = n.to(sim.table.device)
-        int(sim.table.num_pages.sum())  # 1
+        int(sim.table.rows.num_pages.sum())  # 1
         on_device.tolist()  # 2
-        sim.table.num_pages[sim.table.num_pages > 0]  # 3: boolean mask
+        sim.table.rows.num_pages[sim.table.rows.num_pages > 0]  # 3: boolean mask
         torch.arange(on_device[0])  # 4: sized by a device value
-        sim.table.slot_scores[0, 0].item()  # 5
+        sim.table.pool.slot_scores[0, 0].item()  # 5
         torch.repeat_interleave(on_device, on_device)  # 6
         torch.repeat_interleave(on_device, on_device, output_size=1)  # static: not a read
     assert len(counter.log) == 6, counter.log

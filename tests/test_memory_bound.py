@@ -6,7 +6,7 @@ size 16, a 60 GiB KV pool. Nothing here copies a formula: the runtime (`attentio
 score buffer, per-row directory), the KV cache views (vLLM's own `create_kv_cache_views` with the
 plugin's `KVzapAttentionSpec`), the page table (`setup_paged`: pool directory, per-slot state) and
 worst-case steps (`PageTable.plan`, every layer's block table, `write_layer` and the kernel's row
-queries; `release_keys`) all run for real on `torch.device("meta")`, and a dispatch mode counts the
+queries; `release`) all run for real on `torch.device("meta")`, and a dispatch mode counts the
 bytes of every storage they allocate, live and at peak. Values do not exist on meta: the page
 table's few host reads (`PageTable._read`) are answered with the scenario's worst case, and every
 shape the plan makes depends only on host-side sizes, so what is counted is what a GPU would
@@ -30,7 +30,9 @@ from torch.utils._pytree import tree_leaves
 from vllm_kvzap.attention.rows import row_queries, scatter_rows
 from vllm_kvzap.attention.runtime import PruningRuntime
 from vllm_kvzap.attention.triton_rows import split_kv_buffers
-from vllm_kvzap.cache.page_table import WORK_ENTRIES, PageTable, StepRows, cdiv
+from vllm_kvzap.cache.page_pool import cdiv
+from vllm_kvzap.cache.page_table import WORK_ENTRIES, PageTable
+from vllm_kvzap.cache.step_plan import StepRows
 from vllm_kvzap.config import KVPruningConfig
 
 L, H, G, D, BS = 36, 8, 4, 128, 16  # Qwen3-8B: 32 query heads on 8 KV heads
@@ -153,7 +155,7 @@ def batch(rows: list[tuple[int, int, bool]]) -> StepRows:
     qsl = torch.zeros(len(rows) + 1, dtype=torch.int64)
     qsl[1:] = qlens.cumsum(0)
     return StepRows(
-        keys=torch.arange(1, len(rows) + 1, device=META),
+        req_keys=torch.arange(1, len(rows) + 1, device=META),
         num_computed=torch.tensor([r[0] for r in rows]),
         query_lens=qlens,
         is_prefilling=torch.tensor([r[2] for r in rows]),
@@ -168,7 +170,7 @@ def run_step(table: PageTable, answers: Answers, tracker: DeviceBytes, rows: Ste
     key = torch.empty(T, H, D, dtype=torch.bfloat16, device=META)
     query = torch.empty(T, H * G, D, dtype=torch.bfloat16, device=META)
     value, out = torch.empty_like(key), torch.empty_like(query)
-    for t in (key, value, query, out, rows.keys):  # (keys: a column of vLLM's block table)
+    for t in (key, value, query, out, rows.req_keys):  # (keys: a column of vLLM's block table)
         tracker.ignore(t)
     scores = torch.empty(T, H, dtype=torch.float32, device=META)  # the runtime's score buffer
     tracker.ignore(scores)
@@ -231,9 +233,9 @@ def measured():
             peaks[name] = run_step(table, answers, tracker, batch(rows))
             assert tracker.live == persistent, name  # nothing stays behind a step
         # releasing every page of the pool at once (1024 requests, all rows full)
-        answers.release_pages = table.capacity // (MAX_NUM_SEQS * L * H)
+        answers.release_pages = table.pool.capacity // (MAX_NUM_SEQS * L * H)
         base = tracker.reset_peak()
-        table.release_keys(list(range(1, MAX_NUM_SEQS + 1)))
+        table.release(list(range(1, MAX_NUM_SEQS + 1)))
         peaks["release of the whole pool"] = tracker.peak - base
     return dict(sizes=sizes, persistent=persistent, peaks=peaks, spec=spec,
                 num_blocks=num_blocks, table=table)  # fmt: skip
@@ -259,8 +261,8 @@ def test_scores_are_counted_in_vllms_kv_budget(measured):
     spec, table = measured["spec"], measured["table"]
     plain = FullAttentionSpec(block_size=BS, num_kv_heads=H, head_size=D, dtype=torch.bfloat16)
     assert spec.page_size_bytes == plain.page_size_bytes + 4 * BS * H
-    assert table.slot_scores.untyped_storage()._cdata == table.kv_pages.untyped_storage()._cdata
-    assert table.num_pages_total == measured["num_blocks"] * L * H
+    assert table.pool.slot_scores.untyped_storage()._cdata == table.pool.kv_pages.untyped_storage()._cdata
+    assert table.pool.num_pages_total == measured["num_blocks"] * L * H
 
 
 def test_directory_matches_the_stated_formula(measured):
@@ -269,7 +271,7 @@ def test_directory_matches_the_stated_formula(measured):
     R = L * (MAX_NUM_SEQS + 1) * H
     P = cdiv(MAX_MODEL_LEN + 1, BS)
     K = 64  # about sqrt(P) = 50.6, a power of two
-    N = table.num_pages_total
+    N = table.pool.num_pages_total
     assert table.chunk == K
     assert sizes["row directory"] == 4 * R * cdiv(P, K) + 40 * R
     rows = L * MAX_NUM_SEQS * H

@@ -21,8 +21,10 @@ import torch
 from tests.interpreter import run_in_triton_interpreter
 from tests.reference_adakv import reference_keep
 from vllm_kvzap.attention.rows import attend_layer
-from vllm_kvzap.cache import page_table
-from vllm_kvzap.cache.page_table import PageTable, StepRows, page_cell
+from vllm_kvzap.cache import page_pool, page_table
+from vllm_kvzap.cache.page_pool import page_cell
+from vllm_kvzap.cache.page_table import PageTable
+from vllm_kvzap.cache.step_plan import StepRows
 
 L, H, G, D, NB = 2, 2, 3, 32, 48
 # vLLM's CPU kernel: pages of a multiple of 32 slots (`vec`), or of 16 (`vec16`), keys transposed;
@@ -96,7 +98,7 @@ def run_step(sim: Sim, batch: list[tuple[int, int, int, bool]]):
     qsl = torch.zeros(len(batch) + 1, dtype=torch.int64)
     qsl[1:] = qlens.cumsum(0)
     rows = StepRows(
-        keys=torch.tensor([1 + 3 * b[0] for b in batch]),
+        req_keys=torch.tensor([1 + 3 * b[0] for b in batch]),
         num_computed=torch.tensor([b[1] for b in batch]),
         query_lens=qlens,
         is_prefilling=torch.tensor([b[3] for b in batch]),
@@ -130,7 +132,7 @@ def run_step(sim: Sim, batch: list[tuple[int, int, int, bool]]):
                 pages = plan.block_tables[layer][row]
                 bs = sim.bs
                 slots = torch.arange(n_res)
-                ids = table.key_at(pages[slots // bs].long(), slots % bs)[:, 0].tolist()
+                ids = table.pool.key_at(pages[slots // bs].long(), slots % bs)[:, 0].tolist()
                 positions = sorted(int(i - 1 - 10_000 * layer - 1_000_000 * h) for i in ids)
                 assert positions == sorted(sim.visible(r, layer, h, c + q, decoding, c)), (
                     r, layer, h, c, q,
@@ -152,15 +154,15 @@ def run_step(sim: Sim, batch: list[tuple[int, int, int, bool]]):
 
 def check_pool(table: PageTable) -> None:
     BS, K = table.block_size, table.chunk
-    held = int(table.num_pages.sum())
-    assert table.num_free + held == table.capacity
+    held = int(table.rows.num_pages.sum())
+    assert table.num_free + held == table.pool.capacity
     live = table.held_page_ids()
     assert live.unique().numel() == live.numel() == held  # no page held twice
-    assert not set(live.tolist()) & set(table.free_pages[: table.num_free].tolist())
-    rows_need = -(-table.seq_len // BS)
-    assert bool((table.num_pages == rows_need).all())  # pages follow the layout rule
+    assert not set(live.tolist()) & set(table.pool.free_pages.items[: table.num_free].tolist())
+    rows_need = -(-table.rows.seq_len // BS)
+    assert bool((table.rows.num_pages == rows_need).all())  # pages follow the layout rule
     # every row holds exactly the chunks its pages need; the rest are free
-    assert table.num_free_chunks + int((-(-table.num_pages // K)).sum()) == table.num_chunks - 1
+    assert len(table.free_chunks) + int((-(-table.rows.num_pages // K)).sum()) == table.num_chunks - 1
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[isa for _, isa in LAYOUTS])
@@ -181,7 +183,7 @@ def test_work_in_small_pieces(window, monkeypatch):
     """Compactions in pieces of one layer (or a few short prompts), releases in blocks of a few
     chunks, moves a few pairs at a time: the same rows."""
     monkeypatch.setattr(page_table, "WORK_ENTRIES", 48)
-    monkeypatch.setattr(page_table, "MOVE_PAIRS", 5)
+    monkeypatch.setattr(page_pool, "MOVE_PAIRS", 5)
     scenario(window, LAYOUTS[1], [3, 4, 45, 130], steps=20, chunk=2)
 
 
@@ -241,10 +243,10 @@ def scenario(
         # a decoding step holds at most what the scheduler reserved from the last report
         # (`cache/manager.py`: at least the dense size on the first one; prompt chunks: dense,
         # or with chunked prefill the compacted pages so far plus the chunk's dense pages)
-        pages = sim.table.num_pages.sum((0, 2))
+        pages = sim.table.rows.num_pages.sum((0, 2))
         for r, c, q, pre in batch:
             key = 1 + 3 * r
-            held = int(pages[int(sim.table.slot_of_key[key])])
+            held = int(pages[int(sim.table.requests.req_idx_of_key[key])])
             dense_pages = L * H * -(-(c + q) // BS)
             report = reports.get(key)
             if q == 1 and not pre:
@@ -278,10 +280,10 @@ def scenario(
             keep = sim.prompt_keep[r]
         assert pruned == (~keep).sum((1, 2)).tolist()
         assert end <= peak
-    sim.table.release_keys([1 + 3 * r for r in range(len(prompt_lens))])
-    assert sim.table.num_free == sim.table.capacity
-    assert sim.table.num_free_chunks == sim.table.num_chunks - 1
-    assert sim.table.num_free_slots == 8
+    sim.table.release([1 + 3 * r for r in range(len(prompt_lens))])
+    assert sim.table.num_free == sim.table.pool.capacity
+    assert len(sim.table.free_chunks) == sim.table.num_chunks - 1
+    assert len(sim.table.requests.free) == 8
 
 
 def test_preempted_request_restarts_and_a_dense_one_counts_its_prompt():
@@ -298,22 +300,22 @@ def test_preempted_request_restarts_and_a_dense_one_counts_its_prompt():
     pruned, _, _ = sim.table.finished_counts(1 + 3 * 1)
     keep = sim.scores[1, :, : 20 - 8] >= 0
     assert pruned == (~keep).sum((1, 2)).tolist()
-    sim.table.release_keys([1, 4])
-    assert sim.table.num_free == sim.table.capacity
+    sim.table.release([1, 4])
+    assert sim.table.num_free == sim.table.pool.capacity
 
 
 def test_pool_refuses_to_overcommit():
     """Two blocks: one usable page per (layer, head). A prompt of two pages per row runs the pool
     dry; the device-side flag raises at the step's next read (its report), and the next plan."""
     sim = Sim([40], 1, window=4, nb=2)
-    assert sim.table.capacity == L * H
-    rows = StepRows(keys=torch.tensor([1]), num_computed=torch.tensor([0]),
+    assert sim.table.pool.capacity == L * H
+    rows = StepRows(req_keys=torch.tensor([1]), num_computed=torch.tensor([0]),
                     query_lens=torch.tensor([40]), is_prefilling=torch.tensor([True]),
                     query_start_loc=torch.tensor([0, 40]))  # fmt: skip
     sim.table.plan(rows)
     with pytest.raises(RuntimeError, match="page pool exhausted"):
         sim.table.reports()
-    rows = StepRows(keys=torch.tensor([1]), num_computed=torch.tensor([40]),
+    rows = StepRows(req_keys=torch.tensor([1]), num_computed=torch.tensor([40]),
                     query_lens=torch.tensor([1]), is_prefilling=torch.tensor([False]),
                     query_start_loc=torch.tensor([0, 1]))  # fmt: skip
     with pytest.raises(RuntimeError, match="page pool exhausted"):
@@ -325,7 +327,7 @@ def test_a_fitting_prompt_raises_nothing():
     sim2 = Sim([16], 1, window=4, nb=2, layout=LAYOUTS[1])  # one page per row: exactly the pool
     run_step(sim2, [(0, 0, 16, True)])
     assert sim2.table.reports()[1].pages == L * H and sim2.table.num_free == 0
-    rows = StepRows(keys=torch.tensor([1]), num_computed=torch.tensor([0]),
+    rows = StepRows(req_keys=torch.tensor([1]), num_computed=torch.tensor([0]),
                     query_lens=torch.tensor([32]), is_prefilling=torch.tensor([True]),
                     query_start_loc=torch.tensor([0, 32]))  # fmt: skip
     sim.table.plan(rows)
@@ -335,7 +337,7 @@ def test_a_fitting_prompt_raises_nothing():
 
 def test_null_block_pages_are_never_handed_out():
     sim = Sim([10], 1, window=4)
-    ids = set(sim.table.free_pages[: sim.table.capacity].tolist())
+    ids = set(sim.table.pool.free_pages.items[: sim.table.pool.capacity].tolist())
     page_elems = sim.bs * page_cell(D, torch.float32)
     null = {
         (sim.buf[layer, 0, h].data_ptr() - sim.buf.data_ptr()) // (4 * page_elems)
@@ -362,7 +364,7 @@ def test_chunked_prefill_rows_expose_what_each_chunk_kept(window, prompt_chunk, 
 
 def test_chunked_prefill_in_small_pieces(monkeypatch):
     monkeypatch.setattr(page_table, "WORK_ENTRIES", 48)
-    monkeypatch.setattr(page_table, "MOVE_PAIRS", 5)
+    monkeypatch.setattr(page_pool, "MOVE_PAIRS", 5)
     scenario(5, LAYOUTS[1], [3, 45, 130], steps=10, chunk=2, prefill="chunked", prompt_chunk=20)
 
 
@@ -376,9 +378,9 @@ def test_chunked_prefill_preempted_mid_prompt_restarts():
     run_step(sim, [(0, 40, 30, True)])
     sim.table.finish_step()
     sim.table.reports()
-    sim.table.release_keys([1])  # preempted
+    sim.table.release([1])  # preempted
     check_pool(sim.table)
-    assert sim.table.num_free == sim.table.capacity
+    assert sim.table.num_free == sim.table.pool.capacity
     for c, q in ((0, 50), (50, 40)):
         run_step(sim, [(0, c, q, True)] + ([(1, 0, 20, True)] if c == 0 else []))
         sim.table.finish_step()
@@ -388,8 +390,8 @@ def test_chunked_prefill_preempted_mid_prompt_restarts():
     pruned, peak, end = sim.table.finished_counts(1)
     keep = sim.scores[0, :, : 91 - 8] >= 0
     assert pruned == (~keep).sum((1, 2)).tolist() and end <= peak
-    sim.table.release_keys([1, 4])
-    assert sim.table.num_free == sim.table.capacity
+    sim.table.release([1, 4])
+    assert sim.table.num_free == sim.table.pool.capacity
 
 
 def test_chunked_prefill_refuses_ratio_mode():

@@ -56,7 +56,7 @@ def pools(llm):
 
 
 def live_requests(pages) -> int:
-    return int((pages.key_of_slot >= 0).sum())
+    return int((pages.requests.req_key >= 0).sum())
 
 
 def expected_end_pages(ref: dict, window: int = WINDOW, block_size: int = BLOCK_SIZE) -> int:
@@ -202,7 +202,7 @@ def test_soak_random_lengths_preemptions_and_aborts(engine):
         params = SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
         engine_.add_request(f"soak-{i}", {"prompt_token_ids": prompt}, params)
     aborted = {f"soak-{i}" for i in range(0, 40, 7)}
-    done, steps, low = {}, 0, paged.capacity
+    done, steps, low = {}, 0, paged.pool.capacity
     while engine_.has_unfinished_requests():
         for o in engine_.step():
             if o.finished:
@@ -214,6 +214,6 @@ def test_soak_random_lengths_preemptions_and_aborts(engine):
     drain(llm)
     expected = {f"soak-{i}": m for i, m in enumerate(outs) if f"soak-{i}" not in aborted}
     assert {k: v for k, v in done.items() if k in expected} == expected
-    assert low < 0.5 * paged.capacity  # the pool was really under pressure
+    assert low < 0.5 * paged.pool.capacity  # the pool was really under pressure
     assert (block_pool.get_num_free_blocks(), paged.num_free) == before
     assert live_requests(paged) == 0

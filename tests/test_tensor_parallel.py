@@ -56,8 +56,8 @@ def rank_pools(worker) -> dict:
         "first_head": runtime.heads.first if runtime.heads else 0,
         "num_kv_heads": runtime.num_kv_heads,
         "free": pages.num_free,
-        "held": pages.num_pages_total - pages.num_free,
-        "live": int((pages.key_of_slot >= 0).sum()),
+        "held": pages.pool.num_pages_total - pages.num_free,
+        "live": int((pages.requests.req_key >= 0).sum()),
     }
 
 
@@ -264,7 +264,7 @@ def test_ranks_metadata_adds_counts_and_takes_the_larger_need():
     """`KVzapWorkerMetadata.aggregate` (vLLM's KVOutputAggregator calls it across ranks): a
     request's pruned pairs and pages add up over the ranks' heads, its report is the larger need,
     requests only one rank reported pass through, and the order of ranks does not matter."""
-    from vllm_kvzap.cache.page_table import ResidentReport
+    from vllm_kvzap.cache.step_plan import ResidentReport
     from vllm_kvzap.connector import FinishedCounts, KVzapWorkerMetadata
     from vllm_kvzap.stats import FinishedRequest
 

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_kvzap.cache.manager import KVzapBlockManager
-from vllm_kvzap.cache.page_table import ResidentReport
+from vllm_kvzap.cache.step_plan import ResidentReport
 from vllm_kvzap.compat import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
+    cdiv,
 )
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.metrics import COUNTERS, TOTALS, KVzapConnectorStats, KVzapPromMetrics
@@ -36,7 +37,7 @@ from vllm_kvzap.stats import FinishedRequest, StatsRecorder, request_stats
 @dataclass
 class KVzapConnectorMetadata(KVConnectorMetadata):
     finished: list[FinishedRequest] = field(default_factory=list)
-    freed_keys: list[int] = field(default_factory=list)  # paged mode: finished or preempted
+    freed_req_keys: list[int] = field(default_factory=list)  # paged mode: finished, preempted
     block_size: int = 0
     num_scheduled_tokens: int = 0  # 0: no forward pass in this step
     # paged mode: request key -> its own threshold (ratio in ratio mode), for requests that start
@@ -149,13 +150,13 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                 )
                 self._counts.append(FinishedCounts(req, counts))
             else:
-                found = pages.finished_counts(req.key)
+                found = pages.finished_counts(req.req_key)
                 if found is None:  # finished before any KV was computed
                     self._counts.append(FinishedCounts(req, [0] * runtime.num_layers, 0, 0))
                     continue
                 self._counts.append(FinishedCounts(req, *found))
         if pages is not None:
-            pages.release_keys(connector_metadata.freed_keys)
+            pages.release(connector_metadata.freed_req_keys)
             pages.set_request_values(connector_metadata.request_values)
             # plan the step the metadata builder just described (once: the layers reuse it)
             runtime.bind_step(connector_metadata.num_scheduled_tokens)
@@ -230,7 +231,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
         return meta
 
     def _starting_request_values(self, scheduler_output) -> dict[int, float]:
-        """Per-request values of the requests that take a slot in this step, by key."""
+        """Per-request values of the requests that take an index in this step, by request key."""
         from vllm_kvzap.request_options import request_value
 
         values = {}
@@ -253,7 +254,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                 request_id=_external_request_id(request.request_id),
                 engine_request_id=request.request_id,
                 block_ids=list(block_ids),
-                key=block_ids[0] if block_ids else -1,
+                req_key=block_ids[0] if block_ids else -1,
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_output_tokens=request.num_output_tokens,
                 num_kv_tokens=request.num_computed_tokens,
@@ -282,7 +283,7 @@ class KVzapPruningConnector(KVConnectorBase_V1):
                 page_bytes = self._page_bytes()
                 pages_per_block = self._manager.pages_per_block if self._manager else 0
                 pages_per_block *= self.num_ranks  # all ranks' pages, as the counts are
-                dense_pages = pages_per_block * -(-c.request.num_kv_tokens // self._block_size())
+                dense_pages = pages_per_block * cdiv(c.request.num_kv_tokens, self._block_size())
                 stats.update(
                     resident_kv_pages_peak=c.peak_pages,
                     resident_kv_pages_end=c.end_pages,

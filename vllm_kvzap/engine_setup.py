@@ -31,7 +31,7 @@ def prepare_engine_args(args, pruning: KVPruningConfig) -> None:
         choose_cuda_backend(args, pruning, errors)
         # vLLM 0.34's extensible KV cache (compat `enable_extensible_kv_cache`; absent before)
         # commits KV memory after warm-up and gives each layer its own storage; the page pool
-        # (`cache/page_table.py`) needs one fully backed buffer.
+        # (`cache/page_pool.py`) needs one fully backed buffer.
         extensible = getattr(args, "enable_extensible_kv_cache", False)
         if extensible:
             errors.append("the extensible KV cache (drop --enable-extensible-kv-cache)")

@@ -4,8 +4,8 @@ Data flow: a request carries its own value of the engine's rule -> **validated a
 module, called from vLLM's request validation in the front end: a bad value is a `ValueError`,
 an HTTP 400 on the OpenAI API)** -> the scheduler side of the KV connector reads it when the request
 is scheduled (first time, or again after a preemption) and sends it with the step's metadata, keyed
-by the request's first block -> the page table (`cache/page_table.py`) gives the request's batch slot
-that threshold (or ratio) when it takes the slot.
+by the request's first block (its `req_key`) -> the page table (`cache/row_state.py`) gives the
+request's index (`req_idx`) that threshold (or ratio) when the request takes it.
 
 Accepted values of ``extra_args["kv_pruning"]`` (``None`` or no key: the engine's value):
 

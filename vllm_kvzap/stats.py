@@ -40,7 +40,7 @@ class FinishedRequest:
     request_id: str
     engine_request_id: str
     block_ids: list[int]
-    key: int  # first block id: names the request's pages on the worker
+    req_key: int  # first block id: names the request's pages on the worker
     num_prompt_tokens: int
     num_output_tokens: int
     num_kv_tokens: int  # tokens whose KV was computed

@@ -37,7 +37,7 @@ from vllm_kvzap.attention.paged_step import (
 )
 from vllm_kvzap.attention.rows import SUPPORTED_ISAS, attend_layer
 from vllm_kvzap.attention.runtime import get_runtime
-from vllm_kvzap.cache.page_table import StepRows
+from vllm_kvzap.cache.step_plan import StepRows
 from vllm_kvzap.compat import (
     AttentionType,
     CommonAttentionMetadata,
@@ -191,7 +191,7 @@ def _split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class KVzapCPUAttentionBackend(CPUAttentionBackend):
-    page_key_layout = "transposed"  # vLLM's `vec`/`vec16` page layout (`cache/page_table.py`)
+    page_key_layout = "transposed"  # vLLM's `vec`/`vec16` page layout (`cache/page_pool.py`)
 
     @staticmethod
     def get_name() -> str:

@@ -34,7 +34,7 @@ from vllm_kvzap.attention.paged_step import (
 )
 from vllm_kvzap.attention.runtime import get_runtime
 from vllm_kvzap.attention.triton_rows import attend_layer_triton
-from vllm_kvzap.cache.page_table import StepRows
+from vllm_kvzap.cache.step_plan import StepRows
 from vllm_kvzap.compat import (
     AttentionCGSupport,
     AttentionType,

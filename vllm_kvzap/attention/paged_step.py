@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 
 from vllm_kvzap.attention.runtime import get_runtime
-from vllm_kvzap.cache.page_table import PageTable, StepPlan, StepRows
+from vllm_kvzap.cache.page_table import PageTable
+from vllm_kvzap.cache.step_plan import StepPlan, StepRows
 from vllm_kvzap.compat import AttentionType, CommonAttentionMetadata, FullAttentionSpec
 from vllm_kvzap.config import KVPruningConfig
 
@@ -59,7 +60,7 @@ def paged_spec(spec):
 
 def step_rows(cm: CommonAttentionMetadata) -> StepRows | None:
     """The step's requests from vLLM's metadata: sizes from its host copies (no device sync),
-    keys (first block ids) from its block table, on the device. None where the metadata lacks the
+    request keys (first block ids) from its block table, on the device. None where the metadata lacks the
     prefill flags, which only forwards that are not scheduled steps may do (`runtime.bind_step`
     refuses a scheduled step without rows)."""
     if cm.is_prefilling is None:
@@ -71,7 +72,7 @@ def step_rows(cm: CommonAttentionMetadata) -> StepRows | None:
     seq_lens = cm.seq_lens_cpu_upper_bound
     seq_lens = cm.seq_lens.cpu() if seq_lens is None else seq_lens
     return StepRows(
-        keys=cm.block_table_tensor[:num_reqs, 0].long(),
+        req_keys=cm.block_table_tensor[:num_reqs, 0].long(),
         num_computed=seq_lens[:num_reqs].long() - query_lens,
         query_lens=query_lens,
         is_prefilling=torch.as_tensor(cm.is_prefilling[:num_reqs]).cpu().bool(),

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvzap.cache.page_table import PageTable, StepPlan
+from vllm_kvzap.cache.page_table import PageTable
+from vllm_kvzap.cache.step_plan import StepPlan
 from vllm_kvzap.compat import (
     cpu_attention_with_kv_cache,
     cpu_attn_get_scheduler_metadata,
@@ -41,8 +42,8 @@ def attend_layer(
     metadata = _metadata.get(seq_lens, plan.row_query_start_loc, rows_q, isa)
     cpu_attention_with_kv_cache(
         query=rows_q,
-        key_cache=table.key_cache,
-        value_cache=table.value_cache,
+        key_cache=table.pool.key_cache,
+        value_cache=table.pool.value_cache,
         output=out_rows,
         query_start_loc=plan.row_query_start_loc,
         seq_lens=seq_lens,

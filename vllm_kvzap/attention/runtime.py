@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vllm_kvzap.cache.page_table import PageTable, StepPlan, StepRows, allocate_directory
+from vllm_kvzap.cache.page_table import PageTable, allocate_directory
+from vllm_kvzap.cache.step_plan import StepPlan, StepRows
 from vllm_kvzap.config import KVPruningConfig
 from vllm_kvzap.rule import keep
 from vllm_kvzap.scorers import Surrogate, load_surrogate
@@ -82,7 +83,7 @@ class PruningRuntime:
             [t for _, t in by_layer],
             window=self.config.window,
             threshold=self.config.threshold,
-            max_slots=self.max_num_seqs,
+            max_reqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
             ratio=self.config.ratio if self.config.ratio_mode else None,
             alpha=self.config.alpha,

@@ -2,8 +2,8 @@
 KV head): the kernel call of the CUDA path (any NVIDIA GPU; on CPU tensors under
 `TRITON_INTERPRET=1`, which is how the tests run it).
 
-The page table (`cache/page_table.py`, `key_layout="plain"`) plans the step exactly as for the CPU
-kernel: row `r` reads slots `0 .. seq_lens[r] - 1` of its pages `block_tables[r]`. Here a page is
+The page table (`cache/page_table.py`, pages in `PlainKeyPages`) plans the step exactly as for
+the CPU kernel: row `r` reads slots `0 .. seq_lens[r] - 1` of its pages `block_tables[r]`. Here a page is
 `[block_size, D]` keys then `[block_size, D]` values, so the pool is two strided views
 `[num_pages, block_size, 1, D]`, which `unified_attention` takes as K and V caches with one KV head;
 each row's query is its KV head's GQA group (`[q_len, G, D]`, regrouped as in `attention/rows.py`),
@@ -24,14 +24,16 @@ import functools
 import torch
 
 from vllm_kvzap.attention.rows import row_queries, scatter_rows
-from vllm_kvzap.cache.page_table import PageTable, StepPlan
+from vllm_kvzap.cache.page_pool import PlainKeyPages
+from vllm_kvzap.cache.page_table import PageTable
+from vllm_kvzap.cache.step_plan import StepPlan
 
 
 def kv_cache_views(table: PageTable) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V caches ``[num_pages, block_size, 1, D]`` over the page pool (plain key layout)."""
-    if table.key_layout != "plain":
-        raise ValueError("unified_attention reads keys in the plain page layout (key_layout='plain')")
-    return table.key_cache.transpose(1, 2), table.value_cache.transpose(1, 2)
+    if not isinstance(table.pool, PlainKeyPages):
+        raise ValueError("unified_attention reads keys in the plain page layout (PlainKeyPages)")
+    return table.pool.key_cache.transpose(1, 2), table.pool.value_cache.transpose(1, 2)
 
 
 @functools.cache

@@ -20,7 +20,7 @@ pages there); later slabs are pure accounting, so the worker's block-table rows 
 
 from __future__ import annotations
 
-from vllm_kvzap.cache.page_table import ResidentReport
+from vllm_kvzap.cache.step_plan import ResidentReport
 from vllm_kvzap.compat import FullAttentionManager, cdiv
 
 

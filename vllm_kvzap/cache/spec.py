@@ -3,7 +3,7 @@
 The backends return it from `customize_spec` when pruning runs in paged mode. Same layout as
 `FullAttentionSpec` (a page is `[block_size, C]` per (layer, block, KV head)), with one change to
 its bytes: each slot's cell `C` holds `SCORE_BYTES` more than its key and value, room for the
-pair's float32 score (`cache/page_table.py` keeps the scores after each page's values). vLLM
+pair's float32 score (`cache/page_pool.py` keeps the scores after each page's values). vLLM
 sizes the KV cache from `page_size_bytes` (`num_blocks = KV budget / (layers x page_size_bytes)`,
 `v1/core/kv_cache_utils.py`) and views its one buffer as `[blocks, H_kv, block_size, C]` per layer
 from `state_content_size_bytes` (`v1/kv_cache_interface.py` `create_kv_cache_views`, called by
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_kvzap.cache.page_table import SCORE_BYTES
+from vllm_kvzap.cache.page_pool import SCORE_BYTES
 from vllm_kvzap.compat import FullAttentionSpec
 
 

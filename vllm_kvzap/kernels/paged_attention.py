@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvzap.cache.page_pool import cdiv
+
 
 def paged_attention_masked_torch(
     query: torch.Tensor,  # [T, H_q, D]
@@ -35,7 +37,7 @@ def paged_attention_masked_torch(
         q_len = q1 - q0
         if q_len <= 0:
             continue
-        num_blocks = -(-seq_len // block_size)
+        num_blocks = cdiv(seq_len, block_size)
         blocks = block_table[i, :num_blocks].long()
         # [H_kv, n, D]
         k = key_cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :seq_len]
