@@ -69,9 +69,18 @@ def page_state(llm, stats_path: str) -> dict:
 
     from vllm_kvzap.attention.runtime import get_runtime
 
-    pages = get_runtime().pages
-    tensors = {k: v.clone() for k, v in vars(pages).items() if isinstance(v, torch.Tensor)}
-    scalars = {k: v for k, v in vars(pages).items() if isinstance(v, (int, float))}
+    tensors, scalars = {}, {}
+
+    def walk(obj, prefix: str) -> None:  # the table and its parts (pool, row state, requests, ...)
+        for k, v in vars(obj).items():
+            if isinstance(v, torch.Tensor):
+                tensors[prefix + k] = v.clone()
+            elif isinstance(v, (int, float)):
+                scalars[prefix + k] = v
+            elif type(v).__module__.startswith("vllm_kvzap.cache."):
+                walk(v, f"{prefix}{k}.")
+
+    walk(get_runtime().pages, "")
     core = llm.llm_engine.engine_core.engine_core
     return {
         "tensors": tensors,
@@ -149,22 +158,15 @@ def offline_engine(in_process: bool = False, **llm_kwargs):
     engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, restored on exit), so
     that a test reads the scheduler's block pool (and, with `distributed_executor_backend="uni"`,
     the worker's page table) directly."""
-    import gc
-
-    from vllm import LLM
+    from benchmarks.harness import engine
 
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
     old = os.environ.get(key)
     if in_process:
         os.environ[key] = "0"
     try:
-        llm = LLM(**llm_kwargs)
-        try:
+        with engine(**llm_kwargs) as llm:
             yield llm
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
     finally:
         if in_process:
             if old is None:
@@ -286,6 +288,7 @@ def main(spec_path: str, out_path: str) -> None:
         before = page_state(llm, stats_path)
         out["non_scheduled"] = run_non_scheduled_forwards(llm)
         out["non_scheduled"]["changed"] = diff_states(before, page_state(llm, stats_path))
+        out["non_scheduled"]["compared"] = sorted(before["tensors"])
     if spec.get("prompts"):
         out["results"] = generate(llm, spec)
     if spec.get("pressure"):

@@ -134,6 +134,10 @@ def test_v2_really_ran(v2_run):
 def test_forwards_that_are_not_steps_leave_the_page_state_alone(v2_run):
     done = v2_run["non_scheduled"]
     assert "warmup_kernels" in done["forwards"] and len(done["forwards"]) == 5
+    # every part of the page state was compared: pages, directory, row state, requests, stacks
+    parts = {"pool.kv_pages", "pool.free_pages.items", "chunk_table", "chunks", "free_chunks.items",
+             "rows.packed", "requests.req_key", "requests.value", "requests.free.items", "_top"}
+    assert parts <= set(done["compared"])
     assert done["changed"] == []
 
 

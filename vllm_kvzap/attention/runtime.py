@@ -102,7 +102,8 @@ class PruningRuntime:
         on batches that are not scheduled steps (V2's memory profile and CUDA-graph memory estimate,
         JIT warm-up with fake requests, CUDA-graph capture, V1's dummy runs), always with the KV
         connector disabled or not called, so their rows are never bound and `bound_plan` gives
-        them no plan: they leave the page table, slots, free pages and statistics alone."""
+        them no plan: they leave the page table, request indices, free pages and statistics
+        alone."""
         rows, self.next_rows = self.next_rows, None
         if not num_scheduled_tokens:  # no forward in this step (the rows, if any, are stale)
             self.bound = None
