@@ -297,7 +297,7 @@ def main(spec_path: str, out_path: str) -> None:
     core = llm.llm_engine.engine_core.engine_core
     runner = core.model_executor.driver_worker.worker.model_runner
     out["runner_module"] = type(runner).__module__
-    out["key_layout"] = get_runtime().pages.key_layout  # "plain" only from the CUDA backend
+    out["key_layout"] = get_runtime().pages.pool.layout  # "plain" only from the CUDA backend
     json.dump(out, open(out_path, "w"))
     print("OK")
 

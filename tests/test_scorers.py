@@ -54,7 +54,7 @@ def test_registry_holds_the_methods_in_order() -> None:
     builtin = ["kvzap-mlp", "kvzap-linear", "window", "knorm", "random"]
     assert list(methods())[: len(builtin)] == builtin  # built-ins first, in the CLI's order
     assert METHODS == ("none", *methods())
-    assert set(RATIO_METHODS) == {name for name, press in methods().items() if press.rankable}
+    assert set(RATIO_METHODS) == {name for name, press in methods().items() if press.has_scores}
     for name, press in methods().items():
         assert issubclass(press, Press) and press.name == name
     assert {n: p.surrogate_kind for n, p in methods().items() if p.surrogate_kind} == {

@@ -23,7 +23,7 @@ PRESSES = methods()
 METHODS = ("none", *PRESSES)
 # methods whose scores the target-ratio rule (AdaKV, scorers/adakv.py) can rank; `window` has no
 # meaningful scores (+inf / -inf), so a ratio is refused for it
-RATIO_METHODS = tuple(name for name, press in PRESSES.items() if press.rankable)
+RATIO_METHODS = tuple(name for name, press in PRESSES.items() if press.has_scores)
 
 
 def _press_options() -> dict[str, tuple[str, ...]]:

@@ -176,7 +176,6 @@ class PageTable:
         self._top = torch.zeros(3, dtype=torch.int64, device=dev)
         self._short = torch.zeros(4, dtype=torch.int64, device=dev)
         self.pool = PAGE_LAYOUTS[key_layout](kv_caches, self._top[PAGES], self._short[PAGES])
-        self.key_layout = key_layout
 
         L, S, H = self.num_layers, max_reqs, num_heads
         self.max_reqs = S

@@ -63,8 +63,7 @@ def random_scores(
 class Window(Press):
     name = "window"
     help = "sinks + recent window"
-    rankable = False  # +-inf scores: nothing to rank
-    has_scores = False  # nor to compare with a request's threshold
+    has_scores = False  # +-inf: nothing to rank (ratio mode) or to compare with a threshold
     sinks: int = field(default=4, metadata={"help": "the first N tokens are kept as attention sinks"})
 
     def input_scores(self, runtime, layer_idx, hidden_states, positions):

@@ -36,8 +36,8 @@ class Press:
 
     name: ClassVar[str]  # the `kv_pruning` method name
     help: ClassVar[str] = ""  # a few words after its name in `--kv-pruning`'s help
-    rankable: ClassVar[bool] = True  # ratio mode may rank its scores (not window's +-inf)
-    # its scores tell pairs apart, so a request's own threshold means something (not window's)
+    # its scores tell pairs apart: ratio mode may rank them and a request's own threshold means
+    # something (not window's +-inf)
     has_scores: ClassVar[bool] = True
     surrogate_kind: ClassVar[str | None] = None  # a KVzap surrogate's kind ("mlp", "linear")
 
